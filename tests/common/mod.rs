@@ -1,0 +1,251 @@
+//! Random clusters and flows for property tests: small pools of addresses, labels, ports and
+//! names, so random rules and random packets meet often.
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use proptest::sample::select;
+
+use kube_nsg::eval::Packet;
+use kube_nsg::model::*;
+
+pub const NAMESPACES: [&str; 3] = ["a", "b", "c"];
+pub const ASG_NAMES: [&str; 3] = ["web", "logic", "db"];
+pub const NODE_IP: &str = "172.18.0.2";
+pub const VIRTUAL_NETWORK: [&str; 2] = ["10.244.0.0/16", "fd00:10:244::/64"];
+/// Addresses pods may have: IPv4 and IPv6, all inside `VIRTUAL_NETWORK`.
+pub const POD_IPS: [&str; 10] = [
+    "10.244.0.10", "10.244.0.11", "10.244.0.12", "10.244.0.13", "10.244.1.10", "10.244.1.11",
+    "fd00:10:244::10", "fd00:10:244::11", "fd00:10:244::12", "fd00:10:244::13",
+];
+/// Addresses outside the pods: the node, the Internet, a service tag's range.
+pub const OTHER_IPS: [&str; 6] =
+    ["172.18.0.2", "8.8.8.8", "192.0.2.7", "198.51.100.1", "2001:db8::1", "10.96.0.10"];
+pub const PORTS: [u16; 7] = [22, 53, 80, 443, 1500, 8085, 33000];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    (select(vec!["web", "db", "api"]), prop::option::of(select(vec!["x", "y"]))).prop_map(
+        |(app, tier)| {
+            let mut l = BTreeMap::from([("app".to_string(), app.to_string())]);
+            if let Some(t) = tier {
+                l.insert("tier".into(), t.into());
+            }
+            l
+        },
+    )
+}
+
+fn selector() -> impl Strategy<Value = LabelSelector> {
+    prop_oneof![
+        Just(LabelSelector::default()),
+        select(vec!["web", "db", "api"]).prop_map(|app| LabelSelector {
+            match_labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            match_expressions: vec![],
+        }),
+        (select(vec![Operator::Exists, Operator::DoesNotExist, Operator::In, Operator::NotIn]))
+            .prop_map(|operator| LabelSelector {
+                match_labels: BTreeMap::new(),
+                match_expressions: vec![Requirement {
+                    key: "tier".into(),
+                    operator,
+                    values: match operator {
+                        Operator::In | Operator::NotIn => vec!["x".into()],
+                        _ => vec![],
+                    },
+                }],
+            }),
+    ]
+}
+
+fn prefix() -> impl Strategy<Value = AddressPrefix> {
+    let nets = vec![
+        "10.244.0.0/24", "10.244.0.10/31", "10.244.0.12/32", "10.244.1.0/24", "10.0.0.0/8",
+        "8.8.8.0/24", "192.0.2.0/24", "fd00:10:244::/124", "fd00:10:244::12/127", "2001:db8::/32",
+        "172.18.0.0/16",
+    ];
+    prop_oneof![
+        1 => Just(AddressPrefix::Any),
+        4 => select(nets).prop_map(|n| AddressPrefix::Net(n.parse().unwrap())),
+        3 => select(vec!["VirtualNetwork", "Internet", "AzureLoadBalancer", "corp", "missing"])
+            .prop_map(|t| AddressPrefix::Tag(t.to_string())),
+    ]
+}
+
+fn endpoint() -> impl Strategy<Value = Endpoint> {
+    prop_oneof![
+        3 => prop::collection::vec(prefix(), 1..3).prop_map(Endpoint::Prefixes),
+        2 => prop::collection::vec(
+            (select(NAMESPACES.to_vec()), select(ASG_NAMES.to_vec()))
+                .prop_map(|(ns, n)| AsgRef { namespace: ns.into(), name: n.into() }),
+            1..3
+        ).prop_map(Endpoint::Asgs),
+    ]
+}
+
+fn ports() -> impl Strategy<Value = Vec<PortRange>> {
+    let ranges = vec![
+        PortRange::ALL, PortRange::new(80, 80), PortRange::new(443, 443), PortRange::new(53, 53),
+        PortRange::new(1000, 2000), PortRange::new(8080, 8090), PortRange::new(0, 1023),
+    ];
+    prop_oneof![
+        2 => Just(vec![PortRange::ALL]),
+        3 => prop::collection::vec(select(ranges), 1..3),
+    ]
+}
+
+pub fn rule() -> impl Strategy<Value = SecurityRule> {
+    (
+        select(vec![Direction::Inbound, Direction::Outbound]),
+        select(vec![Access::Allow, Access::Deny]),
+        select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Any]),
+        endpoint(),
+        prop_oneof![4 => Just(vec![PortRange::ALL]), 1 => ports()],
+        endpoint(),
+        ports(),
+    )
+        .prop_map(|(direction, access, protocol, source, sp, destination, dp)| {
+            let icmp = protocol == Protocol::Icmp;
+            SecurityRule {
+                name: String::new(),
+                description: None,
+                priority: 0,
+                direction,
+                access,
+                protocol,
+                source,
+                source_ports: if icmp { vec![PortRange::ALL] } else { sp },
+                destination,
+                destination_ports: if icmp { vec![PortRange::ALL] } else { dp },
+                is_default: false,
+            }
+        })
+}
+
+/// Gives rules distinct names and distinct priorities (in list order), as validation requires.
+pub fn number_rules(rules: &mut [SecurityRule], priorities: &[u32]) {
+    for (i, r) in rules.iter_mut().enumerate() {
+        r.name = format!("r{i}");
+        r.priority = priorities[i];
+    }
+}
+
+fn nsg(index: usize) -> impl Strategy<Value = Nsg> {
+    (
+        select(NAMESPACES.to_vec()),
+        any::<bool>(),
+        prop::option::of(selector()),
+        prop::collection::vec(rule(), 0..7),
+        prop::collection::btree_set(100u32..130, 7),
+    )
+        .prop_map(move |(ns, subnet, pod_selector, mut rules, prios)| {
+            let prios: Vec<u32> = prios.into_iter().collect();
+            number_rules(&mut rules, &prios);
+            Nsg {
+                id: ObjectRef::new(ns, format!("nsg{index}")),
+                created: Some(format!("2026-01-01T00:00:0{index}Z")),
+                generation: Some(1),
+                subnet,
+                pod_selector,
+                rules,
+            }
+        })
+}
+
+fn pods() -> impl Strategy<Value = Vec<Pod>> {
+    prop::collection::vec(
+        (
+            select(NAMESPACES.to_vec()),
+            labels(),
+            prop::option::of(select(vec!["web", "db", "web,logic"])),
+            any::<bool>(),
+        ),
+        1..8,
+    )
+    .prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ns, labels, asgs, dual))| {
+                let mut ips = vec![ip(POD_IPS[i % 6])];
+                if dual && i < 4 {
+                    ips.push(ip(POD_IPS[6 + i]));
+                }
+                Pod {
+                    id: ObjectRef::new(ns, format!("pod{i}")),
+                    labels,
+                    annotations: asgs
+                        .map(|a| BTreeMap::from([(ASG_ANNOTATION.to_string(), a.to_string())]))
+                        .unwrap_or_default(),
+                    ips,
+                    node_name: Some("node-1".into()),
+                }
+            })
+            .collect()
+    })
+}
+
+fn asgs() -> impl Strategy<Value = Vec<Asg>> {
+    prop::collection::vec((select(NAMESPACES.to_vec()), select(ASG_NAMES.to_vec()), prop::option::of(selector())), 0..5)
+        .prop_map(|v| {
+            let mut seen = std::collections::BTreeSet::new();
+            v.into_iter()
+                .filter(|(ns, n, _)| seen.insert((*ns, *n)))
+                .map(|(ns, n, pod_selector)| Asg { id: ObjectRef::new(ns, n), pod_selector })
+                .collect()
+        })
+}
+
+pub fn inventory() -> impl Strategy<Value = Inventory> {
+    (pods(), asgs(), (0usize..5).prop_flat_map(|n| (0..n).map(nsg).collect::<Vec<_>>()), any::<bool>())
+        .prop_map(|(pods, asgs, nsgs, with_tag)| Inventory {
+            nsgs,
+            asgs,
+            service_tags: if with_tag {
+                vec![ServiceTag {
+                    name: "corp".into(),
+                    prefixes: vec!["192.0.2.0/25".parse().unwrap(), "2001:db8::/48".parse().unwrap()],
+                }]
+            } else {
+                vec![]
+            },
+            pods,
+            namespaces: NAMESPACES
+                .iter()
+                .map(|n| Namespace {
+                    name: n.to_string(),
+                    labels: BTreeMap::from([("kubernetes.io/metadata.name".to_string(), n.to_string())]),
+                })
+                .collect(),
+            virtual_network: VIRTUAL_NETWORK.iter().map(|n| n.parse::<IpNet>().unwrap()).collect(),
+            node_ips: vec![ip(NODE_IP)],
+        })
+}
+
+/// A first packet between two addresses of the pools, of one family.
+pub fn packet() -> impl Strategy<Value = Packet> {
+    let all: Vec<&str> = POD_IPS.iter().chain(OTHER_IPS.iter()).copied().collect();
+    (
+        select(all.clone()),
+        select(all),
+        select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
+        prop_oneof![3 => Just(40000u16), 1 => select(PORTS.to_vec())],
+        select(PORTS.to_vec()),
+    )
+        .prop_filter("one address family, two ends", |(s, d, ..)| {
+            s != d && ip(s).is_ipv4() == ip(d).is_ipv4()
+        })
+        .prop_map(|(s, d, protocol, sp, dp)| Packet {
+            protocol,
+            src: ip(s),
+            src_port: sp,
+            dst: ip(d),
+            dst_port: dp,
+        })
+}
