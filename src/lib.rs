@@ -6,3 +6,4 @@
 pub mod eval;
 pub mod model;
 pub mod resolve;
+pub mod api;

@@ -1,1 +1,3 @@
-fn main(){}
+fn main() {
+    print!("{}", kube_nsg::api::crds_yaml());
+}

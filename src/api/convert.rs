@@ -1,0 +1,289 @@
+//! API objects into model objects. This is also the Rust-side validation: the offline CLI
+//! and the controller see the same messages, each naming the object, the rule and the field.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Pod as ApiPod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as ApiSelector;
+use kube::ResourceExt;
+
+use super::types::{self, ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag};
+use crate::model::{
+    AddressPrefix, Asg, AsgRef, Endpoint, LabelSelector, Namespace, Nsg, ObjectRef, Operator,
+    Pod, PortRange, Protocol, Requirement, SecurityRule, ServiceTag, ValidationError,
+    ValidationErrors,
+};
+
+/// Collects every problem of one object.
+struct Problems {
+    object: String,
+    errors: Vec<ValidationError>,
+}
+
+impl Problems {
+    fn new(object: String) -> Self {
+        Problems { object, errors: Vec::new() }
+    }
+
+    fn push(&mut self, rule: Option<&str>, field: String, message: impl Into<String>) {
+        self.errors.push(ValidationError {
+            object: self.object.clone(),
+            rule: rule.map(str::to_string),
+            field,
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
+        if self.errors.is_empty() { Ok(value) } else { Err(ValidationErrors(self.errors)) }
+    }
+}
+
+fn namespace_of(obj: &impl ResourceExt) -> String {
+    obj.namespace().unwrap_or_else(|| "default".to_string())
+}
+
+pub fn selector_from_api(sel: &ApiSelector) -> Result<LabelSelector, String> {
+    let match_expressions = sel
+        .match_expressions
+        .iter()
+        .flatten()
+        .map(|e| {
+            let operator = Operator::parse(&e.operator)
+                .ok_or_else(|| format!("unknown selector operator {:?}", e.operator))?;
+            Ok(Requirement { key: e.key.clone(), operator, values: e.values.clone().unwrap_or_default() })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(LabelSelector { match_labels: sel.match_labels.clone().unwrap_or_default(), match_expressions })
+}
+
+/// Takes the singular or the plural form of a property (Azure allows one of them).
+fn one_or_many<'a>(
+    problems: &mut Problems,
+    rule: &str,
+    field: &str,
+    single: &'a Option<String>,
+    many: &'a Option<Vec<String>>,
+) -> Vec<&'a str> {
+    match (single, many) {
+        (Some(_), Some(_)) => {
+            problems.push(Some(rule), field.into(), format!("{field} and {field}s are exclusive"));
+            vec![]
+        }
+        (Some(s), None) => vec![s.as_str()],
+        (None, Some(v)) => v.iter().map(String::as_str).collect(),
+        (None, None) => vec![],
+    }
+}
+
+fn endpoint(
+    problems: &mut Problems,
+    path: &str,
+    rule: &str,
+    side: &str,
+    prefix: &Option<String>,
+    prefixes: &Option<Vec<String>>,
+    asgs: &Option<Vec<types::AsgReference>>,
+    namespace: &str,
+) -> Endpoint {
+    let texts = one_or_many(problems, rule, &format!("{path}.{side}AddressPrefix"), prefix, prefixes);
+    match asgs {
+        Some(asgs) if !texts.is_empty() => {
+            problems.push(
+                Some(rule),
+                format!("{path}.{side}ApplicationSecurityGroups"),
+                format!("the {side} takes address prefixes or application security groups, not both"),
+            );
+            Endpoint::Asgs(vec![])
+        }
+        Some(asgs) => Endpoint::Asgs(
+            asgs.iter()
+                .map(|a| AsgRef {
+                    namespace: a.namespace.clone().unwrap_or_else(|| namespace.to_string()),
+                    name: a.name.clone(),
+                })
+                .collect(),
+        ),
+        None if texts.is_empty() => {
+            problems.push(
+                Some(rule),
+                format!("{path}.{side}AddressPrefix"),
+                format!("a {side} is required: {side}AddressPrefix(es) or {side}ApplicationSecurityGroups"),
+            );
+            Endpoint::any()
+        }
+        None => Endpoint::Prefixes(
+            texts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| {
+                    t.parse::<AddressPrefix>()
+                        .map_err(|e| problems.push(Some(rule), format!("{path}.{side}AddressPrefix[{i}]"), e))
+                        .ok()
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn ports(
+    problems: &mut Problems,
+    path: &str,
+    rule: &str,
+    field: &str,
+    single: &Option<String>,
+    many: &Option<Vec<String>>,
+) -> Vec<PortRange> {
+    let texts = one_or_many(problems, rule, &format!("{path}.{field}"), single, many);
+    if texts.is_empty() {
+        return vec![PortRange::ALL];
+    }
+    texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            t.parse::<PortRange>()
+                .map_err(|e| problems.push(Some(rule), format!("{path}.{field}[{i}]"), e))
+                .ok()
+        })
+        .collect()
+}
+
+impl TryFrom<&NetworkSecurityGroup> for Nsg {
+    type Error = ValidationErrors;
+
+    fn try_from(obj: &NetworkSecurityGroup) -> Result<Nsg, ValidationErrors> {
+        let id = ObjectRef::new(namespace_of(obj), obj.name_any());
+        let mut problems = Problems::new(format!("NetworkSecurityGroup {id}"));
+        let pod_selector = obj.spec.pod_selector.as_ref().and_then(|s| {
+            selector_from_api(s).map_err(|e| problems.push(None, "spec.podSelector".into(), e)).ok()
+        });
+        let mut rules = Vec::new();
+        for (i, r) in obj.spec.security_rules.iter().enumerate() {
+            let path = format!("spec.securityRules[{i}]");
+            let name = r.name.as_str();
+            let source = endpoint(
+                &mut problems, &path, name, "source", &r.source_address_prefix,
+                &r.source_address_prefixes, &r.source_application_security_groups, &id.namespace,
+            );
+            let destination = endpoint(
+                &mut problems, &path, name, "destination", &r.destination_address_prefix,
+                &r.destination_address_prefixes, &r.destination_application_security_groups,
+                &id.namespace,
+            );
+            let source_ports = ports(&mut problems, &path, name, "sourcePortRange", &r.source_port_range, &r.source_port_ranges);
+            let destination_ports = ports(
+                &mut problems, &path, name, "destinationPortRange", &r.destination_port_range,
+                &r.destination_port_ranges,
+            );
+            rules.push(SecurityRule {
+                name: r.name.clone(),
+                description: r.description.clone(),
+                priority: u32::try_from(r.priority).unwrap_or(0),
+                direction: match r.direction {
+                    types::Direction::Inbound => crate::model::Direction::Inbound,
+                    types::Direction::Outbound => crate::model::Direction::Outbound,
+                },
+                access: match r.access {
+                    types::Access::Allow => crate::model::Access::Allow,
+                    types::Access::Deny => crate::model::Access::Deny,
+                },
+                protocol: match r.protocol {
+                    types::Protocol::Tcp => Protocol::Tcp,
+                    types::Protocol::Udp => Protocol::Udp,
+                    types::Protocol::Icmp => Protocol::Icmp,
+                    types::Protocol::Any => Protocol::Any,
+                },
+                source,
+                source_ports,
+                destination,
+                destination_ports,
+                is_default: false,
+            });
+        }
+        let nsg = Nsg {
+            id,
+            created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            generation: obj.metadata.generation,
+            subnet: obj.spec.subnet,
+            pod_selector,
+            rules,
+        };
+        problems.errors.extend(nsg.validate());
+        problems.finish(nsg)
+    }
+}
+
+impl TryFrom<&ApplicationSecurityGroup> for Asg {
+    type Error = ValidationErrors;
+
+    fn try_from(obj: &ApplicationSecurityGroup) -> Result<Asg, ValidationErrors> {
+        let id = ObjectRef::new(namespace_of(obj), obj.name_any());
+        let mut problems = Problems::new(format!("ApplicationSecurityGroup {id}"));
+        if id.name.len() > 63 {
+            problems.push(None, "metadata.name".into(), "at most 63 characters (it is part of a label key)");
+        }
+        let pod_selector = obj.spec.pod_selector.as_ref().and_then(|s| {
+            selector_from_api(s).map_err(|e| problems.push(None, "spec.podSelector".into(), e)).ok()
+        });
+        problems.finish(Asg { id, pod_selector })
+    }
+}
+
+impl TryFrom<&ApiServiceTag> for ServiceTag {
+    type Error = ValidationErrors;
+
+    fn try_from(obj: &ApiServiceTag) -> Result<ServiceTag, ValidationErrors> {
+        let name = obj.name_any();
+        let mut problems = Problems::new(format!("ServiceTag {name}"));
+        let mut prefixes = Vec::new();
+        for (i, p) in obj.spec.address_prefixes.iter().enumerate() {
+            match p.parse::<AddressPrefix>() {
+                Ok(AddressPrefix::Net(net)) => prefixes.push(net),
+                Ok(AddressPrefix::Any) => prefixes.extend(["0.0.0.0/0", "::/0"].map(|n| n.parse::<ipnet::IpNet>().unwrap())),
+                Ok(AddressPrefix::Tag(_)) | Err(_) => problems.push(
+                    None,
+                    format!("spec.addressPrefixes[{i}]"),
+                    format!("{p:?} is not an IP address or CIDR block"),
+                ),
+            }
+        }
+        problems.finish(ServiceTag { name, prefixes })
+    }
+}
+
+/// A pod as the model sees it: `None` for host-network pods (their address is the node's,
+/// and their traffic never crosses a pod interface) and pods without an IP yet.
+pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
+    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()));
+    }
+    if ips.is_empty() || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    Some(Pod {
+        id: ObjectRef::new(namespace_of(pod), pod.name_any()),
+        labels: pod.labels().clone(),
+        annotations: pod.annotations().clone(),
+        ips,
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+    })
+}
+
+pub fn namespace_from_api(ns: &ApiNamespace) -> Namespace {
+    let mut labels: BTreeMap<String, String> = ns.labels().clone();
+    // The API server sets this label on every namespace; offline YAML may omit it.
+    labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| ns.name_any());
+    Namespace { name: ns.name_any(), labels }
+}
