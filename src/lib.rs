@@ -3,7 +3,8 @@
 //! The pure core (`model`, `resolve`, `eval`) holds the semantics; the shells around it
 //! talk to Kubernetes.
 
+pub mod api;
+pub mod controller;
 pub mod eval;
 pub mod model;
 pub mod resolve;
-pub mod api;

@@ -191,6 +191,7 @@ pub struct NetworkSecurityGroupStatus {
     /// `Accepted`, `Ready`, `NetworkPoliciesProgrammed`, `DataplaneProgrammed`, `Conflict`,
     /// `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// How many pods the group currently applies to (subnet and interface level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,6 +274,7 @@ pub struct ApplicationSecurityGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default)]
     pub member_count: i32,
@@ -310,6 +312,7 @@ pub struct ServiceTagStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default)]
     pub prefix_count: i32,
