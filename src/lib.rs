@@ -3,6 +3,7 @@
 //! The pure core (`model`, `resolve`, `eval`) holds the semantics; the shells around it
 //! talk to Kubernetes.
 
+pub mod effective;
 pub mod eval;
 pub mod model;
 pub mod resolve;
