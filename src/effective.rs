@@ -31,7 +31,11 @@ impl Expansion {
         if !self.unresolved.is_empty() {
             parts.push(format!("unresolved: {}", self.unresolved.join(", ")));
         }
-        if parts.is_empty() { "nothing".into() } else { parts.join("; ") }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join("; ")
+        }
     }
 }
 
@@ -44,14 +48,20 @@ fn plural(n: usize, word: &str) -> String {
 }
 
 pub fn expand(res: &Resolved, endpoint: &Endpoint) -> Expansion {
-    let mut expansion = Expansion { pods: vec![], prefixes: vec![], unresolved: vec![] };
+    let mut expansion = Expansion {
+        pods: vec![],
+        prefixes: vec![],
+        unresolved: vec![],
+    };
     match endpoint {
         Endpoint::Asgs(asgs) => {
             for asg in asgs {
                 if !res.asg_exists(asg) {
                     expansion.unresolved.push(format!("asg:{asg}"));
                 }
-                expansion.pods.extend(res.members(asg).map(|p| res.inv.pods[p].id.to_string()));
+                expansion
+                    .pods
+                    .extend(res.members(asg).map(|p| res.inv.pods[p].id.to_string()));
             }
             expansion.pods.sort();
             expansion.pods.dedup();
@@ -88,7 +98,12 @@ pub struct EffectiveRule {
 
 impl EffectiveRule {
     pub fn new(res: &Resolved, rule: &SecurityRule) -> Self {
-        let ports = |p: &[PortRange]| p.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        let ports = |p: &[PortRange]| {
+            p.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         EffectiveRule {
             name: rule.name.clone(),
             priority: rule.priority,
@@ -119,15 +134,21 @@ pub fn effective_rules(res: &Resolved, pod: usize) -> Vec<EffectiveStage> {
     [Direction::Inbound, Direction::Outbound]
         .into_iter()
         .flat_map(|direction| {
-            res.stages(pod, direction).into_iter().map(move |(level, i)| {
-                let nsg = &res.inv.nsgs[i];
-                EffectiveStage {
-                    direction,
-                    level,
-                    nsg: nsg.id.clone(),
-                    rules: nsg.rules_for(direction).iter().map(|r| EffectiveRule::new(res, r)).collect(),
-                }
-            })
+            res.stages(pod, direction)
+                .into_iter()
+                .map(move |(level, i)| {
+                    let nsg = &res.inv.nsgs[i];
+                    EffectiveStage {
+                        direction,
+                        level,
+                        nsg: nsg.id.clone(),
+                        rules: nsg
+                            .rules_for(direction)
+                            .iter()
+                            .map(|r| EffectiveRule::new(res, r))
+                            .collect(),
+                    }
+                })
         })
         .collect()
 }

@@ -1,3 +1,48 @@
-fn main() {
-    print!("{}", kube_nsg::api::crds_yaml());
+//! `kube-nsg`: one binary, several roles. Argument parsing only; the work is in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kube_nsg::cli::{self, CliError};
+
+#[derive(Parser)]
+#[command(
+    name = "kube-nsg",
+    version,
+    about = "Azure-style network security groups for Kubernetes"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+    /// IP flow verify: is a flow to or from a pod allowed, and by which rule?
+    Verify(cli::VerifyArgs),
+    /// The effective security rules of a pod, per direction and stage.
+    Effective(cli::EffectiveArgs),
+}
+
+fn run(args: Args) -> Result<String, CliError> {
+    match args.command {
+        Command::Crds => Ok(kube_nsg::api::crds_yaml()),
+        Command::Verify(a) => cli::verify(&a),
+        Command::Effective(a) => cli::effective(&a),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
