@@ -121,7 +121,7 @@ pub struct RuleLimits;
 impl RuleLimits {
     pub const PRIORITY_MIN: u32 = 100;
     pub const PRIORITY_MAX: u32 = 4096;
-    pub const RULES_PER_GROUP: usize = 1000;
+    pub const RULES_PER_GROUP: usize = 800;
     pub const PREFIXES_PER_RULE: usize = 400;
     pub const PORT_RANGES_PER_RULE: usize = 100;
     pub const ASGS_PER_RULE: usize = 10;
