@@ -4,7 +4,9 @@
 //! talk to Kubernetes.
 
 pub mod api;
+pub mod cli;
 pub mod controller;
+pub mod effective;
 pub mod eval;
 pub mod model;
 pub mod resolve;

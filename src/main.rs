@@ -1,32 +1,53 @@
-// Placeholder CLI until the real one lands: `kube-nsg controller [FLAGS]` runs the controller;
-// `kube-nsg crds` (or no arguments) prints the CRDs.
-use clap::Parser;
+//! `kube-nsg`: one binary, several roles. Argument parsing only; the work is in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kube_nsg::cli::{self, CliError};
 
 #[derive(Parser)]
-enum Cli {
-    /// Run the controller.
-    Controller(kube_nsg::controller::ControllerArgs),
-    /// Print the CRDs.
-    Crds,
+#[command(
+    name = "kube-nsg",
+    version,
+    about = "Azure-style network security groups for Kubernetes"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    if std::env::args().len() < 2 {
-        print!("{}", kube_nsg::api::crds_yaml());
-        return std::process::ExitCode::SUCCESS;
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+    /// IP flow verify: is a flow to or from a pod allowed, and by which rule?
+    Verify(cli::VerifyArgs),
+    /// The effective security rules of a pod, per direction and stage.
+    Effective(cli::EffectiveArgs),
+    /// Run the controller: pod labels, NetworkPolicies and status (leader-elected).
+    Controller(kube_nsg::controller::ControllerArgs),
+}
+
+fn run(args: Args) -> Result<String, CliError> {
+    match args.command {
+        Command::Crds => Ok(kube_nsg::api::crds_yaml()),
+        Command::Verify(a) => cli::verify(&a),
+        Command::Effective(a) => cli::effective(&a),
+        Command::Controller(a) => kube_nsg::controller::run_blocking(a)
+            .map(|()| String::new())
+            .map_err(|e| CliError(e.to_string())),
     }
-    match Cli::parse() {
-        Cli::Controller(args) => match kube_nsg::controller::run(args).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        },
-        Cli::Crds => {
-            print!("{}", kube_nsg::api::crds_yaml());
-            std::process::ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

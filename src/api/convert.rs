@@ -8,11 +8,12 @@ use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Pod as ApiPod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as ApiSelector;
 use kube::ResourceExt;
 
-use super::types::{self, ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag};
+use super::types::{
+    self, ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag,
+};
 use crate::model::{
-    AddressPrefix, Asg, AsgRef, Endpoint, LabelSelector, Namespace, Nsg, ObjectRef, Operator,
-    Pod, PortRange, Protocol, Requirement, SecurityRule, ServiceTag, ValidationError,
-    ValidationErrors,
+    AddressPrefix, Asg, AsgRef, Endpoint, LabelSelector, Namespace, Nsg, ObjectRef, Operator, Pod,
+    PortRange, Protocol, Requirement, SecurityRule, ServiceTag, ValidationError, ValidationErrors,
 };
 
 /// Collects every problem of one object.
@@ -23,7 +24,10 @@ struct Problems {
 
 impl Problems {
     fn new(object: String) -> Self {
-        Problems { object, errors: Vec::new() }
+        Problems {
+            object,
+            errors: Vec::new(),
+        }
     }
 
     fn push(&mut self, rule: Option<&str>, field: String, message: impl Into<String>) {
@@ -36,7 +40,11 @@ impl Problems {
     }
 
     fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
-        if self.errors.is_empty() { Ok(value) } else { Err(ValidationErrors(self.errors)) }
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ValidationErrors(self.errors))
+        }
     }
 }
 
@@ -52,10 +60,17 @@ pub fn selector_from_api(sel: &ApiSelector) -> Result<LabelSelector, String> {
         .map(|e| {
             let operator = Operator::parse(&e.operator)
                 .ok_or_else(|| format!("unknown selector operator {:?}", e.operator))?;
-            Ok(Requirement { key: e.key.clone(), operator, values: e.values.clone().unwrap_or_default() })
+            Ok(Requirement {
+                key: e.key.clone(),
+                operator,
+                values: e.values.clone().unwrap_or_default(),
+            })
         })
         .collect::<Result<_, String>>()?;
-    Ok(LabelSelector { match_labels: sel.match_labels.clone().unwrap_or_default(), match_expressions })
+    Ok(LabelSelector {
+        match_labels: sel.match_labels.clone().unwrap_or_default(),
+        match_expressions,
+    })
 }
 
 /// Takes the singular or the plural form of a property (Azure allows one of them).
@@ -68,7 +83,11 @@ fn one_or_many<'a>(
 ) -> Vec<&'a str> {
     match (single, many) {
         (Some(_), Some(_)) => {
-            problems.push(Some(rule), field.into(), format!("{field} and {field}s are exclusive"));
+            problems.push(
+                Some(rule),
+                field.into(),
+                format!("{field} and {field}s are exclusive"),
+            );
             vec![]
         }
         (Some(s), None) => vec![s.as_str()],
@@ -77,23 +96,42 @@ fn one_or_many<'a>(
     }
 }
 
+/// One side of a rule as written: address prefixes or ASG references.
+struct Side<'a> {
+    name: &'static str,
+    prefix: &'a Option<String>,
+    prefixes: &'a Option<Vec<String>>,
+    asgs: &'a Option<Vec<types::AsgReference>>,
+}
+
 fn endpoint(
     problems: &mut Problems,
     path: &str,
     rule: &str,
-    side: &str,
-    prefix: &Option<String>,
-    prefixes: &Option<Vec<String>>,
-    asgs: &Option<Vec<types::AsgReference>>,
+    side: Side,
     namespace: &str,
 ) -> Endpoint {
-    let texts = one_or_many(problems, rule, &format!("{path}.{side}AddressPrefix"), prefix, prefixes);
+    let Side {
+        name: side,
+        prefix,
+        prefixes,
+        asgs,
+    } = side;
+    let texts = one_or_many(
+        problems,
+        rule,
+        &format!("{path}.{side}AddressPrefix"),
+        prefix,
+        prefixes,
+    );
     match asgs {
         Some(asgs) if !texts.is_empty() => {
             problems.push(
                 Some(rule),
                 format!("{path}.{side}ApplicationSecurityGroups"),
-                format!("the {side} takes address prefixes or application security groups, not both"),
+                format!(
+                    "the {side} takes address prefixes or application security groups, not both"
+                ),
             );
             Endpoint::Asgs(vec![])
         }
@@ -119,7 +157,9 @@ fn endpoint(
                 .enumerate()
                 .filter_map(|(i, t)| {
                     t.parse::<AddressPrefix>()
-                        .map_err(|e| problems.push(Some(rule), format!("{path}.{side}AddressPrefix[{i}]"), e))
+                        .map_err(|e| {
+                            problems.push(Some(rule), format!("{path}.{side}AddressPrefix[{i}]"), e)
+                        })
                         .ok()
                 })
                 .collect(),
@@ -157,24 +197,42 @@ impl TryFrom<&NetworkSecurityGroup> for Nsg {
         let id = ObjectRef::new(namespace_of(obj), obj.name_any());
         let mut problems = Problems::new(format!("NetworkSecurityGroup {id}"));
         let pod_selector = obj.spec.pod_selector.as_ref().and_then(|s| {
-            selector_from_api(s).map_err(|e| problems.push(None, "spec.podSelector".into(), e)).ok()
+            selector_from_api(s)
+                .map_err(|e| problems.push(None, "spec.podSelector".into(), e))
+                .ok()
         });
         let mut rules = Vec::new();
         for (i, r) in obj.spec.security_rules.iter().enumerate() {
             let path = format!("spec.securityRules[{i}]");
             let name = r.name.as_str();
-            let source = endpoint(
-                &mut problems, &path, name, "source", &r.source_address_prefix,
-                &r.source_address_prefixes, &r.source_application_security_groups, &id.namespace,
+            let source = Side {
+                name: "source",
+                prefix: &r.source_address_prefix,
+                prefixes: &r.source_address_prefixes,
+                asgs: &r.source_application_security_groups,
+            };
+            let source = endpoint(&mut problems, &path, name, source, &id.namespace);
+            let destination = Side {
+                name: "destination",
+                prefix: &r.destination_address_prefix,
+                prefixes: &r.destination_address_prefixes,
+                asgs: &r.destination_application_security_groups,
+            };
+            let destination = endpoint(&mut problems, &path, name, destination, &id.namespace);
+            let source_ports = ports(
+                &mut problems,
+                &path,
+                name,
+                "sourcePortRange",
+                &r.source_port_range,
+                &r.source_port_ranges,
             );
-            let destination = endpoint(
-                &mut problems, &path, name, "destination", &r.destination_address_prefix,
-                &r.destination_address_prefixes, &r.destination_application_security_groups,
-                &id.namespace,
-            );
-            let source_ports = ports(&mut problems, &path, name, "sourcePortRange", &r.source_port_range, &r.source_port_ranges);
             let destination_ports = ports(
-                &mut problems, &path, name, "destinationPortRange", &r.destination_port_range,
+                &mut problems,
+                &path,
+                name,
+                "destinationPortRange",
+                &r.destination_port_range,
                 &r.destination_port_ranges,
             );
             rules.push(SecurityRule {
@@ -204,7 +262,11 @@ impl TryFrom<&NetworkSecurityGroup> for Nsg {
         }
         let nsg = Nsg {
             id,
-            created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            created: obj
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
             generation: obj.metadata.generation,
             subnet: obj.spec.subnet,
             pod_selector,
@@ -222,10 +284,16 @@ impl TryFrom<&ApplicationSecurityGroup> for Asg {
         let id = ObjectRef::new(namespace_of(obj), obj.name_any());
         let mut problems = Problems::new(format!("ApplicationSecurityGroup {id}"));
         if id.name.len() > 63 {
-            problems.push(None, "metadata.name".into(), "at most 63 characters (it is part of a label key)");
+            problems.push(
+                None,
+                "metadata.name".into(),
+                "at most 63 characters (it is part of a label key)",
+            );
         }
         let pod_selector = obj.spec.pod_selector.as_ref().and_then(|s| {
-            selector_from_api(s).map_err(|e| problems.push(None, "spec.podSelector".into(), e)).ok()
+            selector_from_api(s)
+                .map_err(|e| problems.push(None, "spec.podSelector".into(), e))
+                .ok()
         });
         problems.finish(Asg { id, pod_selector })
     }
@@ -241,7 +309,8 @@ impl TryFrom<&ApiServiceTag> for ServiceTag {
         for (i, p) in obj.spec.address_prefixes.iter().enumerate() {
             match p.parse::<AddressPrefix>() {
                 Ok(AddressPrefix::Net(net)) => prefixes.push(net),
-                Ok(AddressPrefix::Any) => prefixes.extend(["0.0.0.0/0", "::/0"].map(|n| n.parse::<ipnet::IpNet>().unwrap())),
+                Ok(AddressPrefix::Any) => prefixes
+                    .extend(["0.0.0.0/0", "::/0"].map(|n| n.parse::<ipnet::IpNet>().unwrap())),
                 Ok(AddressPrefix::Tag(_)) | Err(_) => problems.push(
                     None,
                     format!("spec.addressPrefixes[{i}]"),
@@ -256,7 +325,12 @@ impl TryFrom<&ApiServiceTag> for ServiceTag {
 /// A pod as the model sees it: `None` for host-network pods (their address is the node's,
 /// and their traffic never crosses a pod interface) and pods without an IP yet.
 pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
-    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
         return None;
     }
     let status = pod.status.as_ref()?;
@@ -267,7 +341,12 @@ pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
         .filter_map(|p| p.ip.parse().ok())
         .collect();
     if ips.is_empty() {
-        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()));
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
     }
     if ips.is_empty() || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
@@ -284,6 +363,11 @@ pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
 pub fn namespace_from_api(ns: &ApiNamespace) -> Namespace {
     let mut labels: BTreeMap<String, String> = ns.labels().clone();
     // The API server sets this label on every namespace; offline YAML may omit it.
-    labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| ns.name_any());
-    Namespace { name: ns.name_any(), labels }
+    labels
+        .entry("kubernetes.io/metadata.name".into())
+        .or_insert_with(|| ns.name_any());
+    Namespace {
+        name: ns.name_any(),
+        labels,
+    }
 }

@@ -12,9 +12,13 @@ use kube::CustomResourceExt;
 /// The CRDs as multi-document YAML, in a fixed order: what `kube-nsg crds` prints and
 /// `crds/` holds.
 pub fn crds_yaml() -> String {
-    [NetworkSecurityGroup::crd(), ApplicationSecurityGroup::crd(), ServiceTag::crd()]
-        .iter()
-        .map(|crd| serde_yaml_ng::to_string(crd).expect("CRDs serialize"))
-        .collect::<Vec<_>>()
-        .join("---\n")
+    [
+        NetworkSecurityGroup::crd(),
+        ApplicationSecurityGroup::crd(),
+        ServiceTag::crd(),
+    ]
+    .iter()
+    .map(|crd| serde_yaml_ng::to_string(crd).expect("CRDs serialize"))
+    .collect::<Vec<_>>()
+    .join("---\n")
 }

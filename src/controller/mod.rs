@@ -137,6 +137,8 @@ pub struct ControllerArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("cannot start the Tokio runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("cannot build a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
     #[error("cannot serve metrics on {addr}: {source}")]
@@ -174,6 +176,17 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await;
+}
+
+/// [`run`] on its own Tokio runtime, for a synchronous `main`. Two worker threads: the
+/// controller is I/O-bound, and fewer threads mean fewer allocator arenas (less memory).
+pub fn run_blocking(args: ControllerArgs) -> Result<(), Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?
+        .block_on(run(args))
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.

@@ -6,8 +6,8 @@ use ipnet::IpNet;
 
 use super::{LabelSelector, Nsg};
 
-/// `namespace/name` of a namespaced object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+/// `namespace/name` of a namespaced object (serialized as that string).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -15,13 +15,22 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectRef { namespace: namespace.into(), name: name.into() }
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl serde::Serialize for ObjectRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

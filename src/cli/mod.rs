@@ -1,0 +1,334 @@
+//! The offline commands: `verify`, `effective`, `crds` (and the others as they land).
+//! Each reads YAML with `load`, builds the model, asks the pure core, and prints.
+
+pub mod load;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use crate::effective::{EffectiveStage, effective_rules};
+use crate::eval::{Packet, Verdict, evaluate};
+use crate::model::{Direction, Inventory, ObjectRef, Protocol};
+use crate::resolve::Resolved;
+
+/// Where the objects come from and the cluster ranges that no object states.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Inputs {
+    /// YAML/JSON files or directories of NSGs, ASGs, ServiceTags, Namespaces and Pods.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Cluster ranges (pod and service CIDRs) that belong to the VirtualNetwork tag.
+    #[arg(long, value_delimiter = ',')]
+    pub virtual_network: Vec<IpNet>,
+    /// Node IPs: part of VirtualNetwork, and the AzureLoadBalancer tag.
+    #[arg(long, value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+}
+
+/// A command's failure, printed as is; the process exits non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl Inputs {
+    pub fn inventory(&self) -> Result<Inventory, CliError> {
+        let objects = load::Objects::read(&self.files).map_err(|e| CliError(e.to_string()))?;
+        objects
+            .into_inventory(&self.virtual_network, &self.node_ips)
+            .map_err(|errors| {
+                CliError(
+                    errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })
+    }
+}
+
+fn find_pod(res: &Resolved, pod: &ObjectRef) -> Result<usize, CliError> {
+    res.pod_index(pod).ok_or_else(|| {
+        CliError(format!(
+            "pod {pod} is not in the inputs (or has no IP, or uses the host network)"
+        ))
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TextOrJson {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableOrJson {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FlowProtocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// Azure's IP flow verify: would this flow be allowed, and by which rule?
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    /// The pod, NAMESPACE/NAME.
+    #[arg(long)]
+    pub pod: ObjectRef,
+    /// From the pod's point of view: Inbound is remote -> pod.
+    #[arg(long, value_parser = parse_direction)]
+    pub direction: Direction,
+    #[arg(long, value_enum, ignore_case = true)]
+    pub protocol: FlowProtocol,
+    /// The other end; if it is a pod of the inputs, its ASG memberships count.
+    #[arg(long)]
+    pub remote_ip: IpAddr,
+    /// The pod's port (required for Tcp and Udp).
+    #[arg(long)]
+    pub local_port: Option<u16>,
+    /// The remote end's port (required for Tcp and Udp).
+    #[arg(long)]
+    pub remote_port: Option<u16>,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: TextOrJson,
+}
+
+fn parse_direction(s: &str) -> Result<Direction, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "inbound" => Ok(Direction::Inbound),
+        "outbound" => Ok(Direction::Outbound),
+        _ => Err(format!("{s:?}: expected Inbound or Outbound")),
+    }
+}
+
+/// The JSON answer of `verify`.
+#[derive(serde::Serialize)]
+struct VerifyOutput<'a> {
+    access: crate::model::Access,
+    rule: Option<DecidingRule<'a>>,
+    stages: &'a [crate::eval::StageVerdict],
+}
+
+#[derive(serde::Serialize)]
+struct DecidingRule<'a> {
+    nsg: String,
+    name: &'a str,
+    priority: u32,
+}
+
+pub fn verify(args: &VerifyArgs) -> Result<String, CliError> {
+    let inv = args.inputs.inventory()?;
+    let res = Resolved::new(&inv);
+    let pod = find_pod(&res, &args.pod)?;
+    let (protocol, local_port, remote_port) = match args.protocol {
+        FlowProtocol::Icmp => {
+            if args.local_port.is_some() || args.remote_port.is_some() {
+                return Err(CliError(
+                    "Icmp has no ports: drop --local-port and --remote-port".into(),
+                ));
+            }
+            (Protocol::Icmp, 0, 0)
+        }
+        p => {
+            let (Some(l), Some(r)) = (args.local_port, args.remote_port) else {
+                return Err(CliError(
+                    "Tcp and Udp need --local-port and --remote-port".into(),
+                ));
+            };
+            (
+                if matches!(p, FlowProtocol::Tcp) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                l,
+                r,
+            )
+        }
+    };
+    let local_ip = *inv.pods[pod]
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == args.remote_ip.is_ipv4())
+        .ok_or_else(|| {
+            CliError(format!(
+                "pod {} has no address of the remote IP's family",
+                args.pod
+            ))
+        })?;
+    let packet = match args.direction {
+        Direction::Inbound => Packet {
+            protocol,
+            src: args.remote_ip,
+            src_port: remote_port,
+            dst: local_ip,
+            dst_port: local_port,
+        },
+        Direction::Outbound => Packet {
+            protocol,
+            src: local_ip,
+            src_port: local_port,
+            dst: args.remote_ip,
+            dst_port: remote_port,
+        },
+    };
+    let verdict = evaluate(&res, pod, args.direction, &packet);
+    Ok(match args.output {
+        TextOrJson::Json => {
+            let out = VerifyOutput {
+                access: verdict.access,
+                rule: verdict.deciding().map(|s| DecidingRule {
+                    nsg: s.nsg.to_string(),
+                    name: &s.rule,
+                    priority: s.priority,
+                }),
+                stages: &verdict.stages,
+            };
+            serde_json::to_string_pretty(&out).expect("serializes") + "\n"
+        }
+        TextOrJson::Text => verify_text(args, &packet, &verdict),
+    })
+}
+
+fn endpoint_text(ip: IpAddr, port: u16, protocol: Protocol) -> String {
+    match (protocol, ip) {
+        (Protocol::Icmp, ip) => ip.to_string(),
+        (_, IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        (_, ip) => format!("{ip}:{port}"),
+    }
+}
+
+fn verify_text(args: &VerifyArgs, packet: &Packet, verdict: &Verdict) -> String {
+    let flow = format!(
+        "{} {} {} -> {}",
+        args.direction,
+        packet.protocol,
+        endpoint_text(packet.src, packet.src_port, packet.protocol),
+        endpoint_text(packet.dst, packet.dst_port, packet.protocol)
+    );
+    let mut out = match verdict.deciding() {
+        None => format!(
+            "{}: {flow} for pod {}: no security group applies, so all traffic passes.\n",
+            verdict.access, args.pod
+        ),
+        Some(s) => format!(
+            "{}: {flow} for pod {}: {} by rule {} (priority {}) of {}.\n",
+            verdict.access,
+            args.pod,
+            if verdict.access == crate::model::Access::Allow {
+                "allowed"
+            } else {
+                "denied"
+            },
+            s.rule,
+            s.priority,
+            s.nsg
+        ),
+    };
+    for (i, s) in verdict.stages.iter().enumerate() {
+        out += &format!(
+            "  stage {}: {:?} {}: {} by {} ({})\n",
+            i + 1,
+            s.level,
+            s.nsg,
+            s.access,
+            s.rule,
+            s.priority
+        );
+    }
+    out
+}
+
+/// The rules in force for a pod, per direction and stage, references expanded.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EffectiveArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    /// The pod, NAMESPACE/NAME.
+    #[arg(long)]
+    pub pod: ObjectRef,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: TableOrJson,
+}
+
+pub fn effective(args: &EffectiveArgs) -> Result<String, CliError> {
+    let inv = args.inputs.inventory()?;
+    let res = Resolved::new(&inv);
+    let pod = find_pod(&res, &args.pod)?;
+    let stages = effective_rules(&res, pod);
+    Ok(match args.output {
+        TableOrJson::Json => serde_json::to_string_pretty(&stages).expect("serializes") + "\n",
+        TableOrJson::Table => effective_table(&args.pod, &inv.pods[pod].ips, &stages),
+    })
+}
+
+fn effective_table(pod: &ObjectRef, ips: &[IpAddr], stages: &[EffectiveStage]) -> String {
+    let ips: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+    let mut out = format!("Pod {pod} ({})\n", ips.join(", "));
+    if stages.is_empty() {
+        out += "No security group applies: all traffic passes.\n";
+    }
+    for stage in stages {
+        out += &format!("\n{} {:?} {}\n", stage.direction, stage.level, stage.nsg);
+        let mut rows = vec![
+            [
+                "PRIORITY",
+                "NAME",
+                "ACCESS",
+                "PROTOCOL",
+                "SOURCE",
+                "SPORTS",
+                "DESTINATION",
+                "DPORTS",
+                "EXPANDS TO",
+            ]
+            .map(String::from),
+        ];
+        for r in &stage.rules {
+            rows.push([
+                r.priority.to_string(),
+                r.name.clone(),
+                r.access.to_string(),
+                r.protocol.to_string(),
+                r.source.clone(),
+                r.source_ports.clone(),
+                r.destination.clone(),
+                r.destination_ports.clone(),
+                format!(
+                    "{} -> {}",
+                    r.source_expansion.summary(),
+                    r.destination_expansion.summary()
+                ),
+            ]);
+        }
+        out += &render_table(&rows);
+    }
+    out
+}
+
+/// Left-aligned columns separated by two spaces, as kubectl prints.
+pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out += "\n";
+    }
+    out
+}
