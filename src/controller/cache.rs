@@ -158,9 +158,7 @@ pub fn namespace_entry(obj: &ApiNamespace) -> Option<Namespace> {
     Some(namespace_from_api(obj))
 }
 pub fn policy_entry(obj: &NetworkPolicy) -> Option<NetworkPolicy> {
-    let mut np = slim(obj.clone());
-    np.metadata.annotations = None;
-    Some(np)
+    Some(slim(obj.clone()))
 }
 
 /// How the cache tells an update that changes something from one that does not.

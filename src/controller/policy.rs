@@ -3,7 +3,7 @@
 //! does).
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::compile::DesiredPolicy;
 
@@ -43,7 +43,16 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
         .cloned()
         .unwrap_or_default();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    labels.insert(NSG_LABEL.into(), p.nsg.clone().into());
+    // The compiler shortens long names to fit a label value; keep its value when it set one.
+    labels
+        .entry(NSG_LABEL)
+        .or_insert_with(|| p.nsg.clone().into());
+    let annotations = p
+        .object
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -51,6 +60,7 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
             "name": p.name,
             "namespace": p.namespace,
             "labels": labels,
+            "annotations": annotations,
             "ownerReferences": [{
                 "apiVersion": NSG_API_VERSION,
                 "kind": NSG_KIND,
@@ -124,23 +134,27 @@ pub fn normalize_spec(spec: &Value) -> Value {
     spec
 }
 
-/// Whether `observed` already is what applying `desired` (an [`apply_object`]) would make it:
-/// the same spec, our labels and our owner reference.
-pub fn up_to_date(desired: &Value, observed: &NetworkPolicy) -> bool {
-    let labels_ok = desired
-        .pointer("/metadata/labels")
+fn subset(
+    desired: Option<&Value>,
+    observed: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    desired
         .and_then(Value::as_object)
         .into_iter()
         .flatten()
-        .all(|(k, v)| {
-            observed
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(k))
-                .map(String::as_str)
-                == v.as_str()
-        });
+        .all(|(k, v)| observed.and_then(|l| l.get(k)).map(String::as_str) == v.as_str())
+}
+
+/// Whether `observed` already is what applying `desired` (an [`apply_object`]) would make it:
+/// the same spec, our labels and annotations, and our owner reference.
+pub fn up_to_date(desired: &Value, observed: &NetworkPolicy) -> bool {
+    let labels_ok = subset(
+        desired.pointer("/metadata/labels"),
+        observed.metadata.labels.as_ref(),
+    ) && subset(
+        desired.pointer("/metadata/annotations"),
+        observed.metadata.annotations.as_ref(),
+    );
     let owner_uid = desired
         .pointer("/metadata/ownerReferences/0/uid")
         .and_then(Value::as_str);
@@ -149,14 +163,6 @@ pub fn up_to_date(desired: &Value, observed: &NetworkPolicy) -> bool {
     let spec_ok = normalize_spec(desired.get("spec").unwrap_or(&Value::Null))
         == normalize_spec(&observed_spec);
     labels_ok && owner_ok && spec_ok
-}
-
-/// The labels of a policy object as a map (for building a replacement).
-pub fn labels_of(v: &Value) -> Map<String, Value> {
-    v.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -169,7 +175,7 @@ mod tests {
             name: "kube-nsg-web-in".into(),
             nsg: "web".into(),
             object: json!({
-                "metadata": {"labels": {"kubensg.io/nsg": "web"}},
+                "metadata": {"labels": {"kubensg.io/nsg": "web"}, "annotations": {"kubensg.io/subnet-nsg": "web"}},
                 "spec": {
                     "podSelector": {"matchLabels": {"asg.kubensg.io/web": "true"}},
                     "ingress": [{"ports": [{"port": 80}], "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
@@ -212,6 +218,13 @@ mod tests {
         assert!(
             !up_to_date(&obj, &edited),
             "allow-all ingress is not our rule"
+        );
+
+        let mut annotated = as_read_back(&obj);
+        annotated.metadata.annotations = None;
+        assert!(
+            !up_to_date(&obj, &annotated),
+            "our annotations are part of the policy"
         );
 
         let mut relabelled = as_read_back(&obj);
