@@ -51,8 +51,13 @@ pub fn rule_matches(res: &Resolved, rule: &SecurityRule, packet: &Packet) -> boo
         // ICMP has no ports: a rule that restricts them matches only TCP and UDP.
         !rule.restricts_ports()
     } else {
-        rule.source_ports.iter().any(|r| r.contains(packet.src_port))
-            && rule.destination_ports.iter().any(|r| r.contains(packet.dst_port))
+        rule.source_ports
+            .iter()
+            .any(|r| r.contains(packet.src_port))
+            && rule
+                .destination_ports
+                .iter()
+                .any(|r| r.contains(packet.dst_port))
     };
     ports_match
         && res.endpoint_contains(&rule.source, packet.src)
@@ -61,7 +66,12 @@ pub fn rule_matches(res: &Resolved, rule: &SecurityRule, packet: &Packet) -> boo
 
 /// The first rule of a group, in priority order, that matches; the default deny rules match
 /// everything, so there always is one.
-pub fn first_match(res: &Resolved, nsg: &Nsg, direction: Direction, packet: &Packet) -> SecurityRule {
+pub fn first_match(
+    res: &Resolved,
+    nsg: &Nsg,
+    direction: Direction,
+    packet: &Packet,
+) -> SecurityRule {
     nsg.rules_for(direction)
         .into_iter()
         .find(|r| rule_matches(res, r, packet))
@@ -83,10 +93,16 @@ pub fn evaluate(res: &Resolved, pod: usize, direction: Direction, packet: &Packe
             priority: rule.priority,
         });
         if rule.access == Access::Deny {
-            return Verdict { access: Access::Deny, stages };
+            return Verdict {
+                access: Access::Deny,
+                stages,
+            };
         }
     }
-    Verdict { access: Access::Allow, stages }
+    Verdict {
+        access: Access::Allow,
+        stages,
+    }
 }
 
 /// A flow between two addresses: the source pod's outbound groups, then the destination
@@ -99,13 +115,20 @@ pub struct FlowVerdict {
 }
 
 pub fn evaluate_flow(res: &Resolved, packet: &Packet) -> FlowVerdict {
-    let outbound = res.pod_by_ip(packet.src).map(|p| evaluate(res, p, Direction::Outbound, packet));
+    let outbound = res
+        .pod_by_ip(packet.src)
+        .map(|p| evaluate(res, p, Direction::Outbound, packet));
     let allowed_out = outbound.as_ref().is_none_or(|v| v.access == Access::Allow);
     let inbound = if allowed_out {
-        res.pod_by_ip(packet.dst).map(|p| evaluate(res, p, Direction::Inbound, packet))
+        res.pod_by_ip(packet.dst)
+            .map(|p| evaluate(res, p, Direction::Inbound, packet))
     } else {
         None
     };
     let allowed = allowed_out && inbound.as_ref().is_none_or(|v| v.access == Access::Allow);
-    FlowVerdict { access: if allowed { Access::Allow } else { Access::Deny }, outbound, inbound }
+    FlowVerdict {
+        access: if allowed { Access::Allow } else { Access::Deny },
+        outbound,
+        inbound,
+    }
 }

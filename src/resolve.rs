@@ -88,7 +88,10 @@ impl<'a> Resolved<'a> {
             for &i in &by_age {
                 let nsg = &inv.nsgs[i];
                 let selects = nsg.id.namespace == pod.id.namespace
-                    && nsg.pod_selector.as_ref().is_some_and(|s| s.matches(&pod.labels));
+                    && nsg
+                        .pod_selector
+                        .as_ref()
+                        .is_some_and(|s| s.matches(&pod.labels));
                 if !selects {
                     continue;
                 }
@@ -108,16 +111,30 @@ impl<'a> Resolved<'a> {
         let mut members: BTreeMap<AsgRef, BTreeSet<usize>> = inv
             .asgs
             .iter()
-            .map(|a| (AsgRef { namespace: a.id.namespace.clone(), name: a.id.name.clone() }, BTreeSet::new()))
+            .map(|a| {
+                (
+                    AsgRef {
+                        namespace: a.id.namespace.clone(),
+                        name: a.id.name.clone(),
+                    },
+                    BTreeSet::new(),
+                )
+            })
             .collect();
         for asg in &inv.asgs {
-            let key = AsgRef { namespace: asg.id.namespace.clone(), name: asg.id.name.clone() };
+            let key = AsgRef {
+                namespace: asg.id.namespace.clone(),
+                name: asg.id.name.clone(),
+            };
             let set = members.get_mut(&key).expect("inserted above");
             for (p, pod) in inv.pods.iter().enumerate() {
                 if pod.id.namespace != asg.id.namespace {
                     continue;
                 }
-                let by_selector = asg.pod_selector.as_ref().is_some_and(|s| s.matches(&pod.labels));
+                let by_selector = asg
+                    .pod_selector
+                    .as_ref()
+                    .is_some_and(|s| s.matches(&pod.labels));
                 let by_annotation = pod
                     .annotations
                     .get(ASG_ANNOTATION)
@@ -141,9 +158,24 @@ impl<'a> Resolved<'a> {
         let tags = inv
             .service_tags
             .iter()
-            .map(|t| (t.name.to_ascii_lowercase(), IpSet::from_nets(t.prefixes.iter().copied())))
+            .map(|t| {
+                (
+                    t.name.to_ascii_lowercase(),
+                    IpSet::from_nets(t.prefixes.iter().copied()),
+                )
+            })
             .collect();
-        Resolved { inv, subnet, nic, conflicts, members, pod_by_ip, virtual_network, node_ips, tags }
+        Resolved {
+            inv,
+            subnet,
+            nic,
+            conflicts,
+            members,
+            pod_by_ip,
+            virtual_network,
+            node_ips,
+            tags,
+        }
     }
 
     pub fn pod_index(&self, id: &ObjectRef) -> Option<usize> {
@@ -165,7 +197,9 @@ impl<'a> Resolved<'a> {
     /// The groups a pod's traffic passes in `direction`, in evaluation order: inbound the
     /// subnet's then the interface's, outbound the interface's then the subnet's.
     pub fn stages(&self, pod: usize, direction: Direction) -> Vec<(Level, usize)> {
-        let subnet = self.subnet_nsg(&self.inv.pods[pod].id.namespace).map(|i| (Level::Subnet, i));
+        let subnet = self
+            .subnet_nsg(&self.inv.pods[pod].id.namespace)
+            .map(|i| (Level::Subnet, i));
         let nic = self.nic[pod].map(|i| (Level::NetworkInterface, i));
         let order = match direction {
             Direction::Inbound => [subnet, nic],
@@ -189,7 +223,11 @@ impl<'a> Resolved<'a> {
 
     /// The existing ASGs a pod is a member of (all in its own namespace).
     pub fn memberships(&self, pod: usize) -> Vec<&AsgRef> {
-        self.members.iter().filter(|(_, m)| m.contains(&pod)).map(|(a, _)| a).collect()
+        self.members
+            .iter()
+            .filter(|(_, m)| m.contains(&pod))
+            .map(|(a, _)| a)
+            .collect()
     }
 
     /// The addresses a prefix stands for; `None` for a service tag that does not exist.
@@ -222,21 +260,27 @@ impl<'a> Resolved<'a> {
     pub fn unresolved(&self, nsg: &Nsg) -> Vec<Unresolved> {
         let mut out = Vec::new();
         for rule in &nsg.rules {
-            for (field, endpoint) in [("source", &rule.source), ("destination", &rule.destination)] {
+            for (field, endpoint) in [("source", &rule.source), ("destination", &rule.destination)]
+            {
                 match endpoint {
-                    Endpoint::Asgs(asgs) => out.extend(
-                        asgs.iter().filter(|a| !self.asg_exists(a)).map(|a| Unresolved {
-                            rule: rule.name.clone(),
-                            field,
-                            reference: format!("asg:{a}"),
-                        }),
-                    ),
+                    Endpoint::Asgs(asgs) => {
+                        out.extend(asgs.iter().filter(|a| !self.asg_exists(a)).map(|a| {
+                            Unresolved {
+                                rule: rule.name.clone(),
+                                field,
+                                reference: format!("asg:{a}"),
+                            }
+                        }))
+                    }
                     Endpoint::Prefixes(prefixes) => out.extend(
-                        prefixes.iter().filter(|p| self.prefix_set(p).is_none()).map(|p| Unresolved {
-                            rule: rule.name.clone(),
-                            field,
-                            reference: format!("serviceTag:{p}"),
-                        }),
+                        prefixes
+                            .iter()
+                            .filter(|p| self.prefix_set(p).is_none())
+                            .map(|p| Unresolved {
+                                rule: rule.name.clone(),
+                                field,
+                                reference: format!("serviceTag:{p}"),
+                            }),
                     ),
                 }
             }

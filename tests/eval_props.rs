@@ -10,10 +10,13 @@ use proptest::prelude::*;
 /// Every (pod, direction) a packet is evaluated at, with the packet.
 fn ends(inv: &Inventory, packet: &Packet) -> Vec<(usize, Direction)> {
     let res = Resolved::new(inv);
-    [(packet.src, Direction::Outbound), (packet.dst, Direction::Inbound)]
-        .into_iter()
-        .filter_map(|(ip, d)| res.pod_by_ip(ip).map(|p| (p, d)))
-        .collect()
+    [
+        (packet.src, Direction::Outbound),
+        (packet.dst, Direction::Inbound),
+    ]
+    .into_iter()
+    .filter_map(|(ip, d)| res.pod_by_ip(ip).map(|p| (p, d)))
+    .collect()
 }
 
 proptest! {

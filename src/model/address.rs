@@ -28,9 +28,13 @@ pub enum WellKnownTag {
 
 impl WellKnownTag {
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::VirtualNetwork, Self::Internet, Self::AzureLoadBalancer]
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(name))
+        [
+            Self::VirtualNetwork,
+            Self::Internet,
+            Self::AzureLoadBalancer,
+        ]
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     pub fn name(self) -> &'static str {
@@ -73,7 +77,9 @@ impl FromStr for AddressPrefix {
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Ok(Self::Net(IpNet::from(ip)));
         }
-        if s.contains('/') || s.contains(':') || s.chars().next().is_some_and(|c| c.is_ascii_digit())
+        if s.contains('/')
+            || s.contains(':')
+            || s.chars().next().is_some_and(|c| c.is_ascii_digit())
         {
             return Err(format!("{s:?} is not a valid IP address or CIDR block"));
         }
@@ -110,10 +116,22 @@ mod tests {
         assert_eq!(p("Any"), Ok(AddressPrefix::Any));
         assert_eq!(p("0.0.0.0/0"), Ok(AddressPrefix::Any));
         assert_eq!(p("::/0"), Ok(AddressPrefix::Any));
-        assert_eq!(p("10.0.0.0/8"), Ok(AddressPrefix::Net("10.0.0.0/8".parse().unwrap())));
-        assert_eq!(p("10.0.2.4"), Ok(AddressPrefix::Net("10.0.2.4/32".parse().unwrap())));
-        assert_eq!(p("fd00::1"), Ok(AddressPrefix::Net("fd00::1/128".parse().unwrap())));
-        assert_eq!(p("Storage.WestEurope"), Ok(AddressPrefix::Tag("Storage.WestEurope".into())));
+        assert_eq!(
+            p("10.0.0.0/8"),
+            Ok(AddressPrefix::Net("10.0.0.0/8".parse().unwrap()))
+        );
+        assert_eq!(
+            p("10.0.2.4"),
+            Ok(AddressPrefix::Net("10.0.2.4/32".parse().unwrap()))
+        );
+        assert_eq!(
+            p("fd00::1"),
+            Ok(AddressPrefix::Net("fd00::1/128".parse().unwrap()))
+        );
+        assert_eq!(
+            p("Storage.WestEurope"),
+            Ok(AddressPrefix::Tag("Storage.WestEurope".into()))
+        );
         assert!(p("10.0.0.1/8").unwrap_err().contains("host bits"));
         assert!(p("10.0.0.0/33").unwrap_err().contains("not a valid"));
         assert!(p("300.1.1.1").is_err());
@@ -122,8 +140,14 @@ mod tests {
 
     #[test]
     fn well_known_tags_are_case_insensitive() {
-        assert_eq!(WellKnownTag::parse("virtualnetwork"), Some(WellKnownTag::VirtualNetwork));
-        assert_eq!(WellKnownTag::parse("INTERNET"), Some(WellKnownTag::Internet));
+        assert_eq!(
+            WellKnownTag::parse("virtualnetwork"),
+            Some(WellKnownTag::VirtualNetwork)
+        );
+        assert_eq!(
+            WellKnownTag::parse("INTERNET"),
+            Some(WellKnownTag::Internet)
+        );
         assert_eq!(WellKnownTag::parse("Storage"), None);
     }
 }

@@ -18,7 +18,9 @@ impl IntervalSet {
 
     pub fn range(first: u128, last: u128) -> Self {
         debug_assert!(first <= last);
-        IntervalSet { ranges: vec![(first, last)] }
+        IntervalSet {
+            ranges: vec![(first, last)],
+        }
     }
 
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u128, u128)>) -> Self {
@@ -103,7 +105,11 @@ impl IntervalSet {
 fn aligned_blocks(mut first: u128, last: u128, bits: u32) -> Vec<(u128, u32)> {
     // Last value of the block of `host` host bits that starts at the aligned `first`.
     let block_end = |first: u128, host: u32| {
-        if host == 128 { u128::MAX } else { first | ((1u128 << host) - 1) }
+        if host == 128 {
+            u128::MAX
+        } else {
+            first | ((1u128 << host) - 1)
+        }
     };
     let mut out = Vec::new();
     loop {
@@ -136,13 +142,19 @@ impl IpSet {
     }
 
     pub fn all() -> Self {
-        IpSet { v4: IntervalSet::range(0, V4_MAX), v6: IntervalSet::range(0, V6_MAX) }
+        IpSet {
+            v4: IntervalSet::range(0, V4_MAX),
+            v6: IntervalSet::range(0, V6_MAX),
+        }
     }
 
     pub fn from_net(net: IpNet) -> Self {
         match net {
             IpNet::V4(n) => IpSet {
-                v4: IntervalSet::range(u32::from(n.network()) as u128, u32::from(n.broadcast()) as u128),
+                v4: IntervalSet::range(
+                    u32::from(n.network()) as u128,
+                    u32::from(n.broadcast()) as u128,
+                ),
                 v6: IntervalSet::empty(),
             },
             IpNet::V6(n) => IpSet {
@@ -159,7 +171,10 @@ impl IpSet {
             v4.extend_from_slice(s.v4.ranges());
             v6.extend_from_slice(s.v6.ranges());
         }
-        IpSet { v4: IntervalSet::from_ranges(v4), v6: IntervalSet::from_ranges(v6) }
+        IpSet {
+            v4: IntervalSet::from_ranges(v4),
+            v6: IntervalSet::from_ranges(v6),
+        }
     }
 
     pub fn from_ips(ips: impl IntoIterator<Item = IpAddr>) -> Self {
@@ -182,15 +197,24 @@ impl IpSet {
     }
 
     pub fn union(&self, o: &Self) -> Self {
-        IpSet { v4: self.v4.union(&o.v4), v6: self.v6.union(&o.v6) }
+        IpSet {
+            v4: self.v4.union(&o.v4),
+            v6: self.v6.union(&o.v6),
+        }
     }
 
     pub fn intersect(&self, o: &Self) -> Self {
-        IpSet { v4: self.v4.intersect(&o.v4), v6: self.v6.intersect(&o.v6) }
+        IpSet {
+            v4: self.v4.intersect(&o.v4),
+            v6: self.v6.intersect(&o.v6),
+        }
     }
 
     pub fn complement(&self) -> Self {
-        IpSet { v4: self.v4.complement(V4_MAX), v6: self.v6.complement(V6_MAX) }
+        IpSet {
+            v4: self.v4.complement(V4_MAX),
+            v6: self.v6.complement(V6_MAX),
+        }
     }
 
     pub fn difference(&self, o: &Self) -> Self {
@@ -203,12 +227,20 @@ impl IpSet {
 
     /// The fewest CIDR blocks whose union is exactly this set, IPv4 first.
     pub fn to_cidrs(&self) -> Vec<IpNet> {
-        let v4 = self.v4.ranges().iter().flat_map(|&(a, b)| aligned_blocks(a, b, 32)).map(
-            |(start, len)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(start as u32), len as u8).unwrap()),
-        );
-        let v6 = self.v6.ranges().iter().flat_map(|&(a, b)| aligned_blocks(a, b, 128)).map(
-            |(start, len)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(start), len as u8).unwrap()),
-        );
+        let v4 = self
+            .v4
+            .ranges()
+            .iter()
+            .flat_map(|&(a, b)| aligned_blocks(a, b, 32))
+            .map(|(start, len)| {
+                IpNet::V4(Ipv4Net::new(Ipv4Addr::from(start as u32), len as u8).unwrap())
+            });
+        let v6 = self
+            .v6
+            .ranges()
+            .iter()
+            .flat_map(|&(a, b)| aligned_blocks(a, b, 128))
+            .map(|(start, len)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(start), len as u8).unwrap()));
         v4.chain(v6).collect()
     }
 

@@ -15,7 +15,10 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectRef { namespace: namespace.into(), name: name.into() }
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 

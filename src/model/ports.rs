@@ -9,7 +9,10 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ALL: PortRange = PortRange { first: 0, last: 65535 };
+    pub const ALL: PortRange = PortRange {
+        first: 0,
+        last: 65535,
+    };
 
     pub fn new(first: u16, last: u16) -> Self {
         debug_assert!(first <= last);
@@ -73,7 +76,12 @@ mod tests {
         assert_eq!("80".parse(), Ok(PortRange::new(80, 80)));
         assert_eq!("10000-10005".parse(), Ok(PortRange::new(10000, 10005)));
         assert_eq!("0-65535".parse::<PortRange>().map(|p| p.is_all()), Ok(true));
-        assert!("90-80".parse::<PortRange>().unwrap_err().contains("reversed"));
+        assert!(
+            "90-80"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("reversed")
+        );
         assert!("65536".parse::<PortRange>().is_err());
         assert!("http".parse::<PortRange>().is_err());
     }

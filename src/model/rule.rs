@@ -150,7 +150,11 @@ impl Nsg {
             .iter()
             .filter(|r| r.direction == direction)
             .cloned()
-            .chain(default_rules().into_iter().filter(|r| r.direction == direction))
+            .chain(
+                default_rules()
+                    .into_iter()
+                    .filter(|r| r.direction == direction),
+            )
             .collect();
         rules.sort_by_key(|r| r.priority);
         rules
@@ -173,10 +177,20 @@ impl Nsg {
         let mut priorities: BTreeMap<(u32, Direction), &str> = BTreeMap::new();
         for (i, rule) in self.rules.iter().enumerate() {
             if !(RuleLimits::PRIORITY_MIN..=RuleLimits::PRIORITY_MAX).contains(&rule.priority) {
-                err(i, rule, "priority", format!("{} is outside 100..4096", rule.priority));
+                err(
+                    i,
+                    rule,
+                    "priority",
+                    format!("{} is outside 100..4096", rule.priority),
+                );
             }
             if let Some(first) = names.insert(&rule.name, i) {
-                err(i, rule, "name", format!("duplicates the name of rule {first}"));
+                err(
+                    i,
+                    rule,
+                    "name",
+                    format!("duplicates the name of rule {first}"),
+                );
             }
             if let Some(other) = priorities.insert((rule.priority, rule.direction), &rule.name) {
                 err(
@@ -190,7 +204,12 @@ impl Nsg {
                 );
             }
             if rule.protocol == Protocol::Icmp && rule.restricts_ports() {
-                err(i, rule, "protocol", "Icmp has no ports: port ranges must be '*'".into());
+                err(
+                    i,
+                    rule,
+                    "protocol",
+                    "Icmp has no ports: port ranges must be '*'".into(),
+                );
             }
         }
         if self.rules.len() > RuleLimits::RULES_PER_GROUP {
@@ -231,11 +250,39 @@ pub fn default_rules() -> Vec<SecurityRule> {
     use Access::{Allow, Deny};
     use Direction::{Inbound, Outbound};
     vec![
-        rule("AllowVNetInBound", 65000, Inbound, Allow, tag("VirtualNetwork"), tag("VirtualNetwork")),
-        rule("AllowAzureLoadBalancerInBound", 65001, Inbound, Allow, tag("AzureLoadBalancer"), any()),
+        rule(
+            "AllowVNetInBound",
+            65000,
+            Inbound,
+            Allow,
+            tag("VirtualNetwork"),
+            tag("VirtualNetwork"),
+        ),
+        rule(
+            "AllowAzureLoadBalancerInBound",
+            65001,
+            Inbound,
+            Allow,
+            tag("AzureLoadBalancer"),
+            any(),
+        ),
         rule("DenyAllInbound", 65500, Inbound, Deny, any(), any()),
-        rule("AllowVnetOutBound", 65000, Outbound, Allow, tag("VirtualNetwork"), tag("VirtualNetwork")),
-        rule("AllowInternetOutBound", 65001, Outbound, Allow, any(), tag("Internet")),
+        rule(
+            "AllowVnetOutBound",
+            65000,
+            Outbound,
+            Allow,
+            tag("VirtualNetwork"),
+            tag("VirtualNetwork"),
+        ),
+        rule(
+            "AllowInternetOutBound",
+            65001,
+            Outbound,
+            Allow,
+            any(),
+            tag("Internet"),
+        ),
         rule("DenyAllOutBound", 65500, Outbound, Deny, any(), any()),
     ]
 }
