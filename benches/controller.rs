@@ -28,7 +28,10 @@ use kube_nsg::api::{ApplicationSecurityGroup, NetworkSecurityGroup};
 const CONCURRENCY: usize = 32;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Sizes {
@@ -57,7 +60,10 @@ fn rule(r: usize) -> Value {
     });
     let (src, dst): (Value, Value) = match r % 5 {
         0 => (json!("Internet"), asg.clone()),
-        1 => (json!(["198.51.100.0/24", format!("203.0.113.{}/32", r % 250)]), json!("*")),
+        1 => (
+            json!(["198.51.100.0/24", format!("203.0.113.{}/32", r % 250)]),
+            json!("*"),
+        ),
         2 => (json!("VirtualNetwork"), json!("VirtualNetwork")),
         3 => (json!("*"), asg.clone()),
         _ => (json!("10.96.0.0/16"), json!("*")),
@@ -66,7 +72,9 @@ fn rule(r: usize) -> Value {
     let (src, dst) = if inbound { (src, dst) } else { (dst, src) };
     let side = |v: &mut Value, side: &str, e: Value| {
         let key = match &e {
-            Value::Array(a) if a.first().is_some_and(Value::is_object) => format!("{side}ApplicationSecurityGroups"),
+            Value::Array(a) if a.first().is_some_and(Value::is_object) => {
+                format!("{side}ApplicationSecurityGroups")
+            }
             Value::Array(_) => format!("{side}AddressPrefixes"),
             _ => format!("{side}AddressPrefix"),
         };
@@ -94,8 +102,11 @@ fn nsg_object(ns: &str, name: &str, subnet: bool, rules: usize) -> NetworkSecuri
 }
 
 async fn client() -> Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(support::kubeconfig()).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("config");
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(support::kubeconfig()).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
     Client::try_from(config).expect("client")
 }
 
@@ -105,7 +116,10 @@ where
     F: Fn(I::Item) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    futures::stream::iter(items.into_iter().map(f)).buffer_unordered(CONCURRENCY).collect::<Vec<_>>().await;
+    futures::stream::iter(items.into_iter().map(f))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
 }
 
 async fn cleanup(client: &Client, sizes: &Sizes) {
@@ -114,9 +128,14 @@ async fn cleanup(client: &Client, sizes: &Sizes) {
         async move {
             let ns = ns_name(i);
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-            let force = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+            let force = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
             let _ = pods.delete_collection(&force, &ListParams::default()).await;
-            let _ = Api::<Namespace>::all(client).delete(&ns, &DeleteParams::default()).await;
+            let _ = Api::<Namespace>::all(client)
+                .delete(&ns, &DeleteParams::default())
+                .await;
         }
     })
     .await;
@@ -124,7 +143,15 @@ async fn cleanup(client: &Client, sizes: &Sizes) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(300) {
         let left = namespaces.list(&ListParams::default()).await.map(|l| {
-            l.items.iter().filter(|n| n.metadata.name.as_deref().is_some_and(|n| n.starts_with("bench-"))).count()
+            l.items
+                .iter()
+                .filter(|n| {
+                    n.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("bench-"))
+                })
+                .count()
         });
         if left.is_ok_and(|n| n == 0) {
             return;
@@ -140,20 +167,28 @@ async fn create_inventory(client: &Client, sizes: &Sizes) {
         let client = client.clone();
         let pp = pp.clone();
         async move {
-            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_name(i)}})).unwrap();
-            Api::<Namespace>::all(client.clone()).create(&pp, &ns).await.expect("namespace");
+            let ns: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": ns_name(i)}})).unwrap();
+            Api::<Namespace>::all(client.clone())
+                .create(&pp, &ns)
+                .await
+                .expect("namespace");
             let asg: ApplicationSecurityGroup = serde_json::from_value(json!({
                 "apiVersion": "kubensg.io/v1alpha1", "kind": "ApplicationSecurityGroup",
                 "metadata": {"name": "web", "namespace": ns_name(i)},
                 "spec": {"podSelector": {"matchLabels": {"role": "web"}}},
             }))
             .unwrap();
-            Api::<ApplicationSecurityGroup>::namespaced(client, &ns_name(i)).create(&pp, &asg).await.expect("asg");
+            Api::<ApplicationSecurityGroup>::namespaced(client, &ns_name(i))
+                .create(&pp, &asg)
+                .await
+                .expect("asg");
         }
     })
     .await;
-    let pods: Vec<(usize, usize)> =
-        (0..sizes.namespaces).flat_map(|n| (0..sizes.pods_per_ns).map(move |p| (n, p))).collect();
+    let pods: Vec<(usize, usize)> = (0..sizes.namespaces)
+        .flat_map(|n| (0..sizes.pods_per_ns).map(move |p| (n, p)))
+        .collect();
     for_each(pods, |(n, p)| {
         let client = client.clone();
         let pp = pp.clone();
@@ -180,15 +215,29 @@ async fn create_inventory(client: &Client, sizes: &Sizes) {
 /// Lists every NSG: (total, ready at their current generation).
 async fn ready_count(client: &Client) -> (usize, usize) {
     let api: Api<NetworkSecurityGroup> = Api::all(client.clone());
-    let Ok(list) = api.list(&ListParams::default()).await else { return (0, 0) };
-    let bench: Vec<_> =
-        list.items.iter().filter(|n| n.metadata.namespace.as_deref().is_some_and(|n| n.starts_with("bench-"))).collect();
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return (0, 0);
+    };
+    let bench: Vec<_> = list
+        .items
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .namespace
+                .as_deref()
+                .is_some_and(|n| n.starts_with("bench-"))
+        })
+        .collect();
     let ready = bench
         .iter()
         .filter(|n| {
             let s = n.status.as_ref();
             s.and_then(|s| s.observed_generation) == n.metadata.generation
-                && s.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                && s.is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
         })
         .count();
     (bench.len(), ready)
@@ -213,7 +262,12 @@ fn memory(pid: u32) -> Memory {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Memory { rss: field("VmRSS:"), peak: field("VmHWM:"), anon: field("RssAnon:"), file: field("RssFile:") }
+    Memory {
+        rss: field("VmRSS:"),
+        peak: field("VmHWM:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -247,7 +301,13 @@ fn main() {
     let resync = Duration::from_secs(5);
     let ctl = support::Controller::start(
         "bench",
-        &["--resync-interval", "5s", "--no-leader-election", "--write-concurrency", "32"],
+        &[
+            "--resync-interval",
+            "5s",
+            "--no-leader-election",
+            "--write-concurrency",
+            "32",
+        ],
     );
     let pid = ctl.pid();
     std::thread::sleep(Duration::from_secs(2));
@@ -255,7 +315,11 @@ fn main() {
 
     let t = Instant::now();
     rt.block_on(create_inventory(&client, &sizes));
-    println!("created {pods_total} pods and {} ASGs in {:.1?}", sizes.namespaces, t.elapsed());
+    println!(
+        "created {pods_total} pods and {} ASGs in {:.1?}",
+        sizes.namespaces,
+        t.elapsed()
+    );
     // Let the controller label every pod and write the ASG statuses first.
     support::eventually("the controller to settle", Duration::from_secs(300), || {
         let w = ctl.writes();
@@ -271,7 +335,12 @@ fn main() {
         async move {
             let api: Api<NetworkSecurityGroup> = Api::namespaced(client, &ns_name(i));
             for (name, subnet) in [("subnet", true), ("nic", false)] {
-                api.create(&PostParams::default(), &nsg_object(&ns_name(i), name, subnet, rules)).await.expect("nsg");
+                api.create(
+                    &PostParams::default(),
+                    &nsg_object(&ns_name(i), name, subnet, rules),
+                )
+                .await
+                .expect("nsg");
             }
         }
     }));
@@ -301,11 +370,19 @@ fn main() {
     let mut status_times = Vec::new();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name(0));
     let asgs: Api<ApplicationSecurityGroup> = Api::namespaced(client.clone(), &ns_name(0));
-    let members_before = rt.block_on(asgs.get("web")).unwrap().status.map_or(0, |s| s.member_count);
+    let members_before = rt
+        .block_on(asgs.get("web"))
+        .unwrap()
+        .status
+        .map_or(0, |s| s.member_count);
     for round in 0..6 {
         let joining = round % 2 == 1;
         let role = if joining { "web" } else { "app" };
-        let want_count = if joining { members_before } else { members_before - 1 };
+        let want_count = if joining {
+            members_before
+        } else {
+            members_before - 1
+        };
         let t = Instant::now();
         rt.block_on(pods.patch(
             "pod-000",
@@ -317,7 +394,11 @@ fn main() {
         loop {
             if labelled.is_none() {
                 let pod = rt.block_on(pods.get("pod-000")).unwrap();
-                let has = pod.metadata.labels.unwrap_or_default().contains_key("asg.kubensg.io/web");
+                let has = pod
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+                    .contains_key("asg.kubensg.io/web");
                 if has == joining {
                     labelled = Some(t.elapsed());
                 }
@@ -328,7 +409,10 @@ fn main() {
                     break;
                 }
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "relabel not reflected within 60 s");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "relabel not reflected within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         label_times.push(labelled.unwrap());
@@ -345,13 +429,19 @@ fn main() {
     std::thread::sleep(resync * 3 + Duration::from_secs(1));
     let noop_writes = ctl.writes() - writes;
     let noop_passes = ctl.metric("kube_nsg_reconciles_total") - passes;
-    let durations = ctl.metric("kube_nsg_reconcile_duration_seconds_sum") / ctl.metric("kube_nsg_reconcile_duration_seconds_count").max(1.0);
+    let durations = ctl.metric("kube_nsg_reconcile_duration_seconds_sum")
+        / ctl
+            .metric("kube_nsg_reconcile_duration_seconds_count")
+            .max(1.0);
 
     let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
     let per_pod = mem.rss as f64 / pods_total as f64;
     let kib = |v: u64| v as f64 / pods_total as f64;
     println!();
-    println!("=== kube-nsg controller benchmark ({pods_total} pods, {} namespaces, {} ASGs, {total} NSGs x {} rules)", sizes.namespaces, sizes.namespaces, sizes.rules);
+    println!(
+        "=== kube-nsg controller benchmark ({pods_total} pods, {} namespaces, {} ASGs, {total} NSGs x {} rules)",
+        sizes.namespaces, sizes.namespaces, sizes.rules
+    );
     println!(
         "all NSGs Ready after apply:       {:>8.2} s   (target 30 s)   {}",
         all_ready.as_secs_f64(),
@@ -393,7 +483,10 @@ fn main() {
         noop_writes,
         verdict(noop_writes == 0.0)
     );
-    println!("mean reconcile pass:              {:>8.1} ms", durations * 1000.0);
+    println!(
+        "mean reconcile pass:              {:>8.1} ms",
+        durations * 1000.0
+    );
 
     drop(ctl);
     if std::env::var("BENCH_KEEP").is_err() {

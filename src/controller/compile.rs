@@ -1,62 +1,89 @@
 //! The one place the controller calls the pure compilers, turning their output into owned
-//! data the reconcile loop can keep between passes.
+//! data the reconcile loop keeps between passes (compiling is skipped while the inventory
+//! does not change).
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::api::RuleAnomaly;
-use crate::model::{ASG_LABEL_PREFIX, NIC_NSG_LABEL, ObjectRef};
+use crate::model::ObjectRef;
+use crate::netpol::{self, Fidelity as NpFidelity};
 use crate::resolve::Resolved;
 
-/// How rules NetworkPolicy cannot express exactly are compiled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// Never allow more than the NSG: an inexpressible allow is narrowed.
-    Strict,
-    /// Never deny what the NSG allows: an inexpressible allow is widened.
-    Permissive,
-}
+pub use crate::netpol::Mode;
 
 /// One NetworkPolicy the compiler wants, as the JSON object to server-side apply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPolicy {
     pub namespace: String,
     pub name: String,
-    /// The NSG (in the same namespace) that owns it.
+    /// The NSG (in the same namespace) that owns it: the interface-level group of the pods
+    /// it selects when they have one, else the subnet-level group.
     pub nsg: String,
     pub object: serde_json::Value,
 }
 
-/// How exactly one rule is enforced.
+/// How exactly one rule is enforced by NetworkPolicy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fidelity {
     pub exact: bool,
-    /// `Exact`, or why NetworkPolicy cannot express the rule.
+    /// `Exact`, or the reasons NetworkPolicy cannot express the rule.
     pub text: String,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     pub policies: Vec<DesiredPolicy>,
-    /// Per NSG, per rule name.
+    /// Per NSG, per rule name (default rules included).
     pub fidelity: HashMap<ObjectRef, BTreeMap<String, Fidelity>>,
     pub anomalies: HashMap<ObjectRef, Vec<RuleAnomaly>>,
 }
 
-/// Compiles every group. Placeholder until the NetworkPolicy compiler lands: no policies.
-pub fn compile(res: &Resolved, mode: Mode) -> Output {
-    let _ = (res, mode);
-    Output::default()
+fn fidelity(f: &NpFidelity) -> Fidelity {
+    match f {
+        NpFidelity::Exact => Fidelity {
+            exact: true,
+            text: "Exact".into(),
+        },
+        NpFidelity::NotExpressible(reasons) => Fidelity {
+            exact: false,
+            text: reasons
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+    }
 }
 
-/// The labels the controller maintains on a pod.
-pub fn pod_labels(res: &Resolved, pod: usize) -> BTreeMap<String, String> {
-    let mut labels: BTreeMap<String, String> = res
-        .memberships(pod)
-        .into_iter()
-        .map(|a| (format!("{ASG_LABEL_PREFIX}{}", a.name), "true".to_string()))
-        .collect();
-    if let Some(i) = res.nic_nsg(pod) {
-        labels.insert(NIC_NSG_LABEL.to_string(), res.inv.nsgs[i].id.name.clone());
+/// Compiles every group.
+pub fn compile(res: &Resolved, mode: Mode) -> Output {
+    let compiled = netpol::compile(res, mode);
+    let mut out = Output::default();
+    for np in compiled.policies {
+        let annotations = &np.metadata.annotations;
+        let owner = annotations
+            .get(netpol::NIC_NSG_ANNOTATION)
+            .or_else(|| annotations.get(netpol::SUBNET_NSG_ANNOTATION))
+            .or_else(|| np.metadata.labels.get(netpol::NSG_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        out.policies.push(DesiredPolicy {
+            namespace: np.metadata.namespace.clone(),
+            name: np.metadata.name.clone(),
+            nsg: owner,
+            object: serde_json::to_value(&np).expect("NetworkPolicies serialize"),
+        });
     }
-    labels
+    for report in compiled.report {
+        out.fidelity
+            .entry(report.nsg)
+            .or_default()
+            .insert(report.rule, fidelity(&report.fidelity));
+    }
+    out
+}
+
+/// Exactly the labels the controller maintains on a pod.
+pub fn pod_labels(res: &Resolved, pod: usize) -> BTreeMap<String, String> {
+    netpol::pod_labels(res, pod)
 }

@@ -15,14 +15,10 @@ use serde::de::DeserializeOwned;
 use super::cache::{Caches, NodeEntry, PodEntry, asg_entry, namespace_entry, nsg_entry, tag_entry};
 use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag};
 use crate::model::{
-    ASG_ANNOTATION, ASG_LABEL_PREFIX, Asg, Inventory, NIC_NSG_LABEL, Namespace, Nsg, ObjectRef,
-    Pod, ServiceTag, ValidationErrors,
+    ASG_ANNOTATION, Asg, Inventory, Namespace, Nsg, ObjectRef, Pod, ServiceTag, ValidationErrors,
 };
 
-/// Whether a label is one the controller maintains (and so never an input).
-pub fn is_managed_label(key: &str) -> bool {
-    key.starts_with(ASG_LABEL_PREFIX) || key == NIC_NSG_LABEL
-}
+pub use crate::netpol::is_managed_label;
 
 /// One consistent copy of every cache, sorted by namespace and name.
 #[derive(Default)]
@@ -236,6 +232,7 @@ pub async fn inventory_from_cluster(
 mod tests {
     use super::*;
     use crate::api::{NetworkSecurityGroupSpec, SecurityRule};
+    use crate::model::NIC_NSG_LABEL;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn nsg(name: &str, uid: &str, priority: i32) -> Arc<NetworkSecurityGroup> {

@@ -93,8 +93,10 @@ pub struct ControllerArgs {
         env = "KUBE_NSG_VIRTUAL_NETWORK"
     )]
     pub virtual_network: Vec<IpNet>,
-    /// How rules NetworkPolicy cannot express exactly are compiled.
-    #[arg(long, value_enum, default_value = "strict", env = "KUBE_NSG_MODE")]
+    /// What NetworkPolicies do with rules they cannot express exactly: `strict` never allows
+    /// more than the NSG, `permissive` never denies what it allows (the node agent then
+    /// enforces the exact semantics).
+    #[arg(long, default_value = "strict", env = "KUBE_NSG_MODE")]
     pub mode: Mode,
     /// Where to serve /metrics, /livez and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080", env = "KUBE_NSG_METRICS_ADDR")]
