@@ -301,13 +301,7 @@ fn main() {
     let resync = Duration::from_secs(5);
     let ctl = support::Controller::start(
         "bench",
-        &[
-            "--resync-interval",
-            "5s",
-            "--no-leader-election",
-            "--write-concurrency",
-            "32",
-        ],
+        &["--resync-interval", "5s", "--no-leader-election"],
     );
     let pid = ctl.pid();
     std::thread::sleep(Duration::from_secs(2));
@@ -358,6 +352,17 @@ fn main() {
     }
     let all_ready = t0.elapsed();
     println!("applied {total} NSGs in {applied:.1?}; all Ready after {all_ready:.2?}");
+    let writes_by_resource = |text: &str| -> String {
+        text.lines()
+            .filter(|l| l.starts_with("kube_nsg_api_writes_total{"))
+            .map(|l| {
+                l.trim_start_matches("kube_nsg_api_writes_total")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    println!("writes so far:\n  {}", writes_by_resource(&ctl.metrics()));
 
     support::eventually("the controller to settle", Duration::from_secs(300), || {
         let w = ctl.writes();

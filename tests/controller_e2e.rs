@@ -380,7 +380,12 @@ fn assert_policies_match_compiler(ns: &str) {
         .policies
         .iter()
         .filter(|p| p.namespace == ns)
-        .map(|p| (p.name.clone(), normalize_spec(&p.object["spec"])))
+        .map(|p| {
+            (
+                p.name.clone(),
+                normalize_spec(&serde_json::to_value(&p.policy.spec).unwrap()),
+            )
+        })
         .collect();
     let got: BTreeMap<String, Value> = policies(ns)
         .into_iter()

@@ -24,8 +24,15 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::metrics::Metrics;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use super::digest::{self, Digest};
+use super::policy::ObservedPolicy;
+use super::status::owned_nsg_status;
 use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api};
 use crate::model::{ASG_ANNOTATION, Namespace};
+use crate::model::{Nsg, ValidationErrors};
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped objects.
 pub type Key = (String, String);
@@ -37,6 +44,38 @@ fn key_of<K: Resource>(obj: &K) -> Key {
     )
 }
 
+/// Labels in a compact sorted form: a `BTreeMap` reserves room for eleven entries per node,
+/// which for the few labels of a pod is most of what the controller keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl Labels {
+    pub fn from_map(map: &BTreeMap<String, String>) -> Self {
+        Labels(
+            map.iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
 /// What the controller keeps of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
@@ -44,7 +83,7 @@ pub struct PodEntry {
     pub name: String,
     pub uid: String,
     /// All labels, the controller's own included (they are compared with the desired ones).
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// The `kubensg.io/application-security-groups` annotation, the only one that matters.
     pub asg_annotation: Option<String>,
     pub ips: Vec<IpAddr>,
@@ -89,7 +128,7 @@ impl PodEntry {
             namespace: pod.namespace().unwrap_or_default(),
             name: pod.name_any(),
             uid: pod.uid().unwrap_or_default(),
-            labels: pod.labels().clone(),
+            labels: Labels::from_map(pod.labels()),
             asg_annotation: pod.annotations().get(ASG_ANNOTATION).cloned(),
             ips,
             node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -145,9 +184,58 @@ fn slim<K: Resource>(mut obj: K) -> K {
     obj
 }
 
-pub fn nsg_entry(obj: &NetworkSecurityGroup) -> Option<NetworkSecurityGroup> {
-    Some(slim(obj.clone()))
+/// What the controller keeps of a NetworkSecurityGroup: its model (converted on arrival, or
+/// why it is invalid), the conditions it shows, and a digest of the rest of its status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsgEntry {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+    pub resource_version: Option<String>,
+    pub model: Result<Arc<Nsg>, ValidationErrors>,
+    /// All observed conditions (transition times and Events are computed from them).
+    pub conditions: Vec<Condition>,
+    /// Digest of the part of the observed status this controller writes.
+    pub status: Digest,
 }
+
+impl NsgEntry {
+    pub fn object_ref(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(NetworkSecurityGroup::api_version(&()).into()),
+            kind: Some(NetworkSecurityGroup::kind(&()).into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: Some(self.uid.clone()),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+pub fn nsg_entry(obj: &NetworkSecurityGroup) -> Option<NsgEntry> {
+    Some(NsgEntry {
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+        uid: obj.uid().unwrap_or_default(),
+        generation: obj.metadata.generation,
+        resource_version: obj.metadata.resource_version.clone(),
+        model: Nsg::try_from(obj).map(Arc::new),
+        conditions: obj
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
+        status: status_digest(&owned_nsg_status(obj.status.as_ref())),
+    })
+}
+
+/// The digest [`NsgEntry::status`] holds, of a status as [`owned_nsg_status`] normalises it.
+pub fn status_digest(status: &crate::api::NetworkSecurityGroupStatus) -> Digest {
+    // The status types hold no maps, so their JSON text is canonical: stream it.
+    digest::of_stream(status)
+}
+
 pub fn asg_entry(obj: &ApplicationSecurityGroup) -> Option<ApplicationSecurityGroup> {
     Some(slim(obj.clone()))
 }
@@ -157,8 +245,8 @@ pub fn tag_entry(obj: &ServiceTag) -> Option<ServiceTag> {
 pub fn namespace_entry(obj: &ApiNamespace) -> Option<Namespace> {
     Some(namespace_from_api(obj))
 }
-pub fn policy_entry(obj: &NetworkPolicy) -> Option<NetworkPolicy> {
-    Some(slim(obj.clone()))
+pub fn policy_entry(obj: &NetworkPolicy) -> Option<ObservedPolicy> {
+    Some(ObservedPolicy::from_api(obj))
 }
 
 /// How the cache tells an update that changes something from one that does not.
@@ -175,7 +263,7 @@ macro_rules! same_by_value {
         }
     )*};
 }
-same_by_value!(PodEntry, NodeEntry, Namespace);
+same_by_value!(PodEntry, NodeEntry, Namespace, ObservedPolicy);
 
 /// API objects kept whole are the same while their resourceVersion is.
 macro_rules! same_by_version {
@@ -188,12 +276,13 @@ macro_rules! same_by_version {
         }
     )*};
 }
-same_by_version!(
-    NetworkSecurityGroup,
-    ApplicationSecurityGroup,
-    ServiceTag,
-    NetworkPolicy
-);
+same_by_version!(ApplicationSecurityGroup, ServiceTag);
+
+impl Entry for NsgEntry {
+    fn same(&self, other: &Self) -> bool {
+        self.resource_version.is_some() && self.resource_version == other.resource_version
+    }
+}
 
 #[cfg(test)]
 same_by_value!(u32);
@@ -306,13 +395,13 @@ enum Event<T> {
 
 /// Every store the controller reads, and the signal that one of them changed.
 pub struct Caches {
-    pub nsgs: Cache<NetworkSecurityGroup>,
+    pub nsgs: Cache<NsgEntry>,
     pub asgs: Cache<ApplicationSecurityGroup>,
     pub tags: Cache<ServiceTag>,
     pub pods: Cache<PodEntry>,
     pub namespaces: Cache<Namespace>,
     pub nodes: Cache<NodeEntry>,
-    pub policies: Cache<NetworkPolicy>,
+    pub policies: Cache<ObservedPolicy>,
     pub changed: Notify,
 }
 
@@ -349,13 +438,17 @@ impl Caches {
         client: &Client,
         metrics: &Arc<Metrics>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let c = client.clone();
+        // Small list pages bound the memory of a (re)list: objects arrive whole, managed
+        // fields and all (an NSG with its status weighs tens of KiB), and are compacted one
+        // by one.
+        let pages = |n| watcher::Config::default().page_size(n);
+        let c = client;
         vec![
             spawn(
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default(),
+                pages(10),
                 |c| &c.nsgs,
                 nsg_entry,
             ),
@@ -363,7 +456,7 @@ impl Caches {
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default(),
+                pages(50),
                 |c| &c.asgs,
                 asg_entry,
             ),
@@ -371,16 +464,15 @@ impl Caches {
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default(),
+                pages(10),
                 |c| &c.tags,
                 tag_entry,
             ),
-            // Small pages keep the peak memory of the initial list low.
             spawn(
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default().page_size(200),
+                pages(100),
                 |c| &c.pods,
                 PodEntry::from_api,
             ),
@@ -388,7 +480,7 @@ impl Caches {
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default(),
+                pages(100),
                 |c| &c.namespaces,
                 namespace_entry,
             ),
@@ -396,15 +488,15 @@ impl Caches {
                 self,
                 metrics,
                 Api::all(c.clone()),
-                watcher::Config::default(),
+                pages(100),
                 |c| &c.nodes,
                 NodeEntry::from_api,
             ),
             spawn(
                 self,
                 metrics,
-                Api::all(c),
-                watcher::Config::default(),
+                Api::all(c.clone()),
+                pages(50),
                 |c| &c.policies,
                 policy_entry,
             ),

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::digest::Digest;
 use crate::api::RuleAnomaly;
 use crate::model::ObjectRef;
 use crate::netpol::{self, Fidelity as NpFidelity};
@@ -11,7 +12,7 @@ use crate::resolve::Resolved;
 
 pub use crate::netpol::Mode;
 
-/// One NetworkPolicy the compiler wants, as the JSON object to server-side apply.
+/// One NetworkPolicy the compiler wants.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPolicy {
     pub namespace: String,
@@ -19,7 +20,22 @@ pub struct DesiredPolicy {
     /// The NSG (in the same namespace) that owns it: the interface-level group of the pods
     /// it selects when they have one, else the subnet-level group.
     pub nsg: String,
-    pub object: serde_json::Value,
+    pub policy: netpol::NetworkPolicy,
+    /// Digest of the normalised spec, to compare with what the API server holds.
+    pub spec: Digest,
+}
+
+impl DesiredPolicy {
+    pub fn new(policy: netpol::NetworkPolicy, nsg: String) -> Self {
+        let spec = serde_json::to_value(&policy.spec).expect("NetworkPolicies serialize");
+        DesiredPolicy {
+            namespace: policy.metadata.namespace.clone(),
+            name: policy.metadata.name.clone(),
+            nsg,
+            spec: super::policy::spec_digest(&spec),
+            policy,
+        }
+    }
 }
 
 /// How exactly one rule is enforced by NetworkPolicy.
@@ -67,12 +83,7 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
             .or_else(|| np.metadata.labels.get(netpol::NSG_LABEL))
             .cloned()
             .unwrap_or_default();
-        out.policies.push(DesiredPolicy {
-            namespace: np.metadata.namespace.clone(),
-            name: np.metadata.name.clone(),
-            nsg: owner,
-            object: serde_json::to_value(&np).expect("NetworkPolicies serialize"),
-        });
+        out.policies.push(DesiredPolicy::new(np, owner));
     }
     for report in compiled.report {
         out.fidelity

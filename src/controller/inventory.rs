@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node, Pod as ApiPod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::cache::{Caches, NodeEntry, PodEntry, asg_entry, namespace_entry, nsg_entry, tag_entry};
+use super::cache::{
+    Caches, NodeEntry, NsgEntry, PodEntry, asg_entry, namespace_entry, nsg_entry, tag_entry,
+};
+use super::policy::ObservedPolicy;
 use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag};
 use crate::model::{
     ASG_ANNOTATION, Asg, Inventory, Namespace, Nsg, ObjectRef, Pod, ServiceTag, ValidationErrors,
@@ -23,13 +25,13 @@ pub use crate::netpol::is_managed_label;
 /// One consistent copy of every cache, sorted by namespace and name.
 #[derive(Default)]
 pub struct Snapshot {
-    pub nsgs: Vec<Arc<NetworkSecurityGroup>>,
+    pub nsgs: Vec<Arc<NsgEntry>>,
     pub asgs: Vec<Arc<ApplicationSecurityGroup>>,
     pub tags: Vec<Arc<ApiServiceTag>>,
     pub pods: Vec<Arc<PodEntry>>,
     pub namespaces: Vec<Arc<Namespace>>,
     pub nodes: Vec<Arc<NodeEntry>>,
-    pub policies: Vec<Arc<NetworkPolicy>>,
+    pub policies: Vec<Arc<ObservedPolicy>>,
 }
 
 impl Snapshot {
@@ -76,7 +78,7 @@ pub fn model_pod(entry: &PodEntry) -> Pod {
             .labels
             .iter()
             .filter(|(k, _)| !is_managed_label(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         annotations: entry
             .asg_annotation
@@ -94,23 +96,23 @@ pub fn model_pod(entry: &PodEntry) -> Pod {
 pub fn build(
     snap: &Snapshot,
     virtual_network: &[IpNet],
-    last_valid: &mut HashMap<String, Nsg>,
+    last_valid: &mut HashMap<String, Arc<Nsg>>,
 ) -> Built {
     let mut inventory = Inventory::default();
     let mut nsgs = Vec::with_capacity(snap.nsgs.len());
     let mut seen = BTreeSet::new();
-    for obj in &snap.nsgs {
-        let uid = obj.uid().unwrap_or_default();
+    for entry in &snap.nsgs {
+        let uid = entry.uid.clone();
         seen.insert(uid.clone());
-        let (model, errors) = match Nsg::try_from(&**obj) {
+        let (model, errors) = match &entry.model {
             Ok(nsg) => {
                 last_valid.insert(uid, nsg.clone());
-                (Some(nsg), None)
+                (Some(nsg.clone()), None)
             }
-            Err(errors) => (last_valid.get(&uid).cloned(), Some(errors)),
+            Err(errors) => (last_valid.get(&uid).cloned(), Some(errors.clone())),
         };
         let model = model.map(|nsg| {
-            inventory.nsgs.push(nsg);
+            inventory.nsgs.push((*nsg).clone());
             inventory.nsgs.len() - 1
         });
         nsgs.push(NsgState { model, errors });
@@ -232,17 +234,18 @@ pub async fn inventory_from_cluster(
 mod tests {
     use super::*;
     use crate::api::{NetworkSecurityGroupSpec, SecurityRule};
+    use crate::controller::cache::Labels;
     use crate::model::NIC_NSG_LABEL;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-    fn nsg(name: &str, uid: &str, priority: i32) -> Arc<NetworkSecurityGroup> {
+    fn nsg(name: &str, uid: &str, priority: i32) -> Arc<NsgEntry> {
         let rule: SecurityRule = serde_json::from_value(serde_json::json!({
             "name": "web", "priority": priority, "direction": "Inbound", "access": "Allow",
             "protocol": "Tcp", "sourceAddressPrefix": "*", "destinationAddressPrefix": "*",
             "destinationPortRange": "80"
         }))
         .unwrap();
-        Arc::new(NetworkSecurityGroup {
+        let obj = NetworkSecurityGroup {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -255,7 +258,8 @@ mod tests {
                 security_rules: vec![rule],
             },
             status: None,
-        })
+        };
+        Arc::new(nsg_entry(&obj).unwrap())
     }
 
     #[test]
@@ -300,11 +304,11 @@ mod tests {
             namespace: "ns".into(),
             name: "p".into(),
             uid: "u".into(),
-            labels: BTreeMap::from([
+            labels: Labels::from_map(&BTreeMap::from([
                 ("app".into(), "web".into()),
                 ("asg.kubensg.io/db".into(), "true".into()),
                 (NIC_NSG_LABEL.into(), "x".into()),
-            ]),
+            ])),
             asg_annotation: Some("web".into()),
             ips: vec![],
             node_name: None,

@@ -1,58 +1,83 @@
 //! NetworkPolicies the controller generates: which ones are its own, what to apply, and
 //! whether what the API server holds already says the same (so nothing is written when it
-//! does).
+//! does). Observed policies are kept as [`ObservedPolicy`]: metadata that matters and a
+//! digest of the normalised spec.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{Value, json};
 
 use super::compile::DesiredPolicy;
+use super::digest::{self, Digest};
 
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "kube-nsg";
-pub const NSG_LABEL: &str = "kubensg.io/nsg";
+pub const MANAGED_BY_LABEL: &str = crate::netpol::MANAGED_BY_LABEL;
+pub const MANAGED_BY: &str = crate::netpol::MANAGED_BY_VALUE;
+pub const NSG_LABEL: &str = crate::netpol::NSG_LABEL;
 const NSG_API_VERSION: &str = "kubensg.io/v1alpha1";
 const NSG_KIND: &str = "NetworkSecurityGroup";
 
-/// The uid of the NSG that owns `np`, when `np` is this controller's: it carries the
-/// managed-by label *and* a controller owner reference to a NetworkSecurityGroup. Anything
-/// else is someone else's and is never written to.
-pub fn owner_uid(np: &NetworkPolicy) -> Option<&str> {
-    let labels = np.metadata.labels.as_ref()?;
-    if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
-        return None;
+/// What the controller keeps of a NetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    /// The uid of the owning NSG when the policy is this controller's: it carries the
+    /// managed-by label *and* a controller owner reference to a NetworkSecurityGroup.
+    /// Anything else is someone else's and is never written to.
+    pub owner_uid: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Digest of the normalised spec.
+    pub spec: Digest,
+}
+
+impl ObservedPolicy {
+    pub fn from_api(np: &NetworkPolicy) -> Self {
+        let labels = np.metadata.labels.clone().unwrap_or_default();
+        let ours = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
+        let owner_uid = np
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| {
+                o.kind == NSG_KIND
+                    && o.api_version.starts_with("kubensg.io/")
+                    && o.controller == Some(true)
+            })
+            .map(|o| o.uid.clone())
+            .filter(|_| ours);
+        let mut annotations = np.metadata.annotations.clone().unwrap_or_default();
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        let spec = serde_json::to_value(&np.spec).unwrap_or(Value::Null);
+        ObservedPolicy {
+            namespace: np.metadata.namespace.clone().unwrap_or_default(),
+            name: np.metadata.name.clone().unwrap_or_default(),
+            uid: np.metadata.uid.clone(),
+            owner_uid,
+            labels,
+            annotations,
+            spec: spec_digest(&spec),
+        }
     }
-    np.metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| {
-            o.kind == NSG_KIND
-                && o.api_version.starts_with("kubensg.io/")
-                && o.controller == Some(true)
-        })
-        .map(|o| o.uid.as_str())
+}
+
+/// The digest of a NetworkPolicy spec after [`normalize_spec`].
+pub fn spec_digest(spec: &Value) -> Digest {
+    digest::of_value(&normalize_spec(spec))
 }
 
 /// The object to server-side apply: the compiler's policy with the project's labels and a
 /// controller owner reference to its NSG (so deleting the NSG garbage-collects it).
 pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
-    let mut labels = p
-        .object
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+    let mut labels = p.policy.metadata.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     // The compiler shortens long names to fit a label value; keep its value when it set one.
     labels
-        .entry(NSG_LABEL)
-        .or_insert_with(|| p.nsg.clone().into());
-    let annotations = p
-        .object
-        .pointer("/metadata/annotations")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+        .entry(NSG_LABEL.into())
+        .or_insert_with(|| p.nsg.clone());
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -60,7 +85,7 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
             "name": p.name,
             "namespace": p.namespace,
             "labels": labels,
-            "annotations": annotations,
+            "annotations": p.policy.metadata.annotations,
             "ownerReferences": [{
                 "apiVersion": NSG_API_VERSION,
                 "kind": NSG_KIND,
@@ -70,7 +95,7 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
                 "blockOwnerDeletion": true,
             }],
         },
-        "spec": p.object.get("spec").cloned().unwrap_or_else(|| json!({})),
+        "spec": p.policy.spec,
     })
 }
 
@@ -134,117 +159,99 @@ pub fn normalize_spec(spec: &Value) -> Value {
     spec
 }
 
-fn subset(
-    desired: Option<&Value>,
-    observed: Option<&std::collections::BTreeMap<String, String>>,
-) -> bool {
-    desired
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .all(|(k, v)| observed.and_then(|l| l.get(k)).map(String::as_str) == v.as_str())
+fn subset(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String>) -> bool {
+    desired.iter().all(|(k, v)| observed.get(k) == Some(v))
 }
 
-/// Whether `observed` already is what applying `desired` (an [`apply_object`]) would make it:
-/// the same spec, our labels and annotations, and our owner reference.
-pub fn up_to_date(desired: &Value, observed: &NetworkPolicy) -> bool {
-    let labels_ok = subset(
-        desired.pointer("/metadata/labels"),
-        observed.metadata.labels.as_ref(),
-    ) && subset(
-        desired.pointer("/metadata/annotations"),
-        observed.metadata.annotations.as_ref(),
-    );
-    let owner_uid = desired
-        .pointer("/metadata/ownerReferences/0/uid")
-        .and_then(Value::as_str);
-    let owner_ok = owner_uid.is_some() && self::owner_uid(observed) == owner_uid;
-    let observed_spec = serde_json::to_value(&observed.spec).unwrap_or(Value::Null);
-    let spec_ok = normalize_spec(desired.get("spec").unwrap_or(&Value::Null))
-        == normalize_spec(&observed_spec);
-    labels_ok && owner_ok && spec_ok
+/// Whether `observed` already is what applying `desired` for the NSG `owner_uid` would make
+/// it: the same spec, our labels and annotations, and our owner reference.
+pub fn up_to_date(desired: &DesiredPolicy, owner_uid: &str, observed: &ObservedPolicy) -> bool {
+    let mut labels = desired.policy.metadata.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+    desired.spec == observed.spec
+        && observed.owner_uid.as_deref() == Some(owner_uid)
+        && subset(&labels, &observed.labels)
+        && subset(&desired.policy.metadata.annotations, &observed.annotations)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netpol;
 
     fn desired() -> DesiredPolicy {
-        DesiredPolicy {
-            namespace: "ns".into(),
-            name: "kube-nsg-web-in".into(),
-            nsg: "web".into(),
-            object: json!({
-                "metadata": {"labels": {"kubensg.io/nsg": "web"}, "annotations": {"kubensg.io/subnet-nsg": "web"}},
-                "spec": {
-                    "podSelector": {"matchLabels": {"asg.kubensg.io/web": "true"}},
-                    "ingress": [{"ports": [{"port": 80}], "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
-                    "policyTypes": ["Ingress"]
-                }
-            }),
-        }
+        let policy: netpol::NetworkPolicy = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {
+                "name": "nsg-web-0123456789", "namespace": "ns",
+                "labels": {"kubensg.io/nsg": "web", "app.kubernetes.io/managed-by": "kube-nsg"},
+                "annotations": {"kubensg.io/subnet-nsg": "web"}
+            },
+            "spec": {
+                "podSelector": {"matchLabels": {"asg.kubensg.io/web": "true"}},
+                "ingress": [{"ports": [{"protocol": "TCP", "port": 80}], "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
+                "policyTypes": ["Ingress"]
+            }
+        }))
+        .unwrap();
+        DesiredPolicy::new(policy, "web".into())
     }
 
-    fn as_read_back(v: &Value) -> NetworkPolicy {
-        let mut np: NetworkPolicy = serde_json::from_value(v.clone()).unwrap();
-        // What the API server adds.
-        np.spec.as_mut().unwrap().ingress.as_mut().unwrap()[0]
-            .ports
-            .as_mut()
-            .unwrap()[0]
-            .protocol = Some("TCP".into());
-        np.metadata
-            .labels
-            .as_mut()
+    /// What the API server gives back after an apply of `desired`.
+    fn read_back(d: &DesiredPolicy) -> NetworkPolicy {
+        let mut obj = apply_object(d, "uid-1");
+        // The server fills in defaults and other managers add labels.
+        obj["spec"]["ingress"][0]["ports"][0]
+            .as_object_mut()
             .unwrap()
-            .insert("someone/else".into(), "x".into());
-        np.metadata.resource_version = Some("12".into());
-        np
+            .insert("protocol".into(), "TCP".into());
+        obj["metadata"]["labels"]["someone/else"] = "x".into();
+        obj["metadata"]["resourceVersion"] = "12".into();
+        serde_json::from_value(obj).unwrap()
     }
 
     #[test]
     fn read_back_policy_is_up_to_date() {
-        let obj = apply_object(&desired(), "uid-1");
-        let np = as_read_back(&obj);
-        assert_eq!(owner_uid(&np), Some("uid-1"));
-        assert!(up_to_date(&obj, &np));
+        let d = desired();
+        let np = ObservedPolicy::from_api(&read_back(&d));
+        assert_eq!(np.owner_uid.as_deref(), Some("uid-1"));
+        assert!(up_to_date(&d, "uid-1", &np));
+        assert!(!up_to_date(&d, "uid-2", &np), "owned by another group");
     }
 
     #[test]
     fn hand_edits_and_foreign_policies_are_detected() {
-        let obj = apply_object(&desired(), "uid-1");
-        let mut edited = as_read_back(&obj);
+        let d = desired();
+        let mut edited = read_back(&d);
         edited.spec.as_mut().unwrap().ingress = Some(vec![Default::default()]);
         assert!(
-            !up_to_date(&obj, &edited),
+            !up_to_date(&d, "uid-1", &ObservedPolicy::from_api(&edited)),
             "allow-all ingress is not our rule"
         );
 
-        let mut annotated = as_read_back(&obj);
+        let mut annotated = read_back(&d);
         annotated.metadata.annotations = None;
         assert!(
-            !up_to_date(&obj, &annotated),
+            !up_to_date(&d, "uid-1", &ObservedPolicy::from_api(&annotated)),
             "our annotations are part of the policy"
         );
 
-        let mut relabelled = as_read_back(&obj);
+        let mut relabelled = read_back(&d);
         relabelled
             .metadata
             .labels
             .as_mut()
             .unwrap()
             .remove(MANAGED_BY_LABEL);
-        assert_eq!(
-            owner_uid(&relabelled),
-            None,
-            "without the label it is not ours"
-        );
-        assert!(!up_to_date(&obj, &relabelled));
+        let observed = ObservedPolicy::from_api(&relabelled);
+        assert_eq!(observed.owner_uid, None, "without the label it is not ours");
+        assert!(!up_to_date(&d, "uid-1", &observed));
 
-        let mut orphan = as_read_back(&obj);
+        let mut orphan = read_back(&d);
         orphan.metadata.owner_references = None;
         assert_eq!(
-            owner_uid(&orphan),
+            ObservedPolicy::from_api(&orphan).owner_uid,
             None,
             "without the owner reference it is not ours"
         );

@@ -20,14 +20,17 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::cache::{Caches, PodEntry};
+use super::cache::{Caches, NsgEntry, PodEntry, status_digest};
 use super::compile::{self, Mode, Output};
+use super::digest::{self, Digest};
 use super::inventory::{self, Snapshot, is_managed_label};
 use super::metrics::Metrics;
-use super::policy;
+use super::policy::{self, ObservedPolicy};
 use super::status::{self, NsgFacts, Programmed, Summaries};
-use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag};
-use crate::model::{Inventory, Nsg, ObjectRef};
+use crate::api::{
+    ApplicationSecurityGroup, NetworkSecurityGroup, NetworkSecurityGroupStatus, ServiceTag,
+};
+use crate::model::{Nsg, ObjectRef};
 use crate::resolve::Resolved;
 
 /// Field manager of NetworkPolicies and statuses.
@@ -97,10 +100,10 @@ pub struct Reconciler {
     leader: watch::Receiver<bool>,
     settings: Settings,
     recorder: Recorder,
-    last_valid: HashMap<String, Nsg>,
-    /// The last compiled inventory and its output: compiling is skipped while the inventory
-    /// does not change (our own writes do not change it).
-    memo: Option<(Inventory, Arc<Output>)>,
+    last_valid: HashMap<String, Arc<Nsg>>,
+    /// The digest of the last compiled inventory and its output: compiling is skipped while
+    /// the inventory does not change (the controller's own writes do not change it).
+    memo: Option<(Digest, Arc<Output>)>,
 }
 
 impl Reconciler {
@@ -153,16 +156,24 @@ impl Reconciler {
     }
 
     async fn pass_inner(&mut self) -> PassReport {
+        let mut timer = PhaseTimer {
+            last: Some(Instant::now()),
+            phases: Vec::new(),
+        };
         let snap = Snapshot::of(&self.caches);
         let built = inventory::build(&snap, &self.settings.virtual_network, &mut self.last_valid);
+        timer.mark("build");
+        let inventory_digest = digest::of_stream(&built.inventory);
         let output = match &self.memo {
-            Some((inv, out)) if *inv == built.inventory => out.clone(),
+            Some((d, out)) if *d == inventory_digest => out.clone(),
             _ => {
                 let res = Resolved::new(&built.inventory);
                 Arc::new(compile::compile(&res, self.settings.mode))
             }
         };
+        timer.mark("compile");
         let res = Resolved::new(&built.inventory);
+        timer.mark("resolve");
         let ctx = Ctx {
             client: &self.client,
             metrics: &self.metrics,
@@ -175,21 +186,13 @@ impl Reconciler {
             .nsgs
             .iter()
             .enumerate()
-            .map(|(i, o)| {
-                (
-                    (
-                        o.metadata.namespace.as_deref().unwrap_or(""),
-                        o.metadata.name.as_deref().unwrap_or(""),
-                    ),
-                    i,
-                )
-            })
+            .map(|(i, o)| ((o.namespace.as_str(), o.name.as_str()), i))
             .collect();
         let nsg_by_uid: HashMap<&str, usize> = snap
             .nsgs
             .iter()
             .enumerate()
-            .filter_map(|(i, o)| Some((o.metadata.uid.as_deref()?, i)))
+            .map(|(i, o)| (o.uid.as_str(), i))
             .collect();
         let mut programmed: Vec<Programmed> = built
             .nsgs
@@ -205,18 +208,10 @@ impl Reconciler {
         let mut policy_names: Vec<Vec<String>> = vec![Vec::new(); snap.nsgs.len()];
 
         // 1. NetworkPolicies to create or update.
-        let observed: HashMap<(&str, &str), &Arc<NetworkPolicy>> = snap
+        let observed: HashMap<(&str, &str), &Arc<ObservedPolicy>> = snap
             .policies
             .iter()
-            .map(|p| {
-                (
-                    (
-                        p.metadata.namespace.as_deref().unwrap_or(""),
-                        p.metadata.name.as_deref().unwrap_or(""),
-                    ),
-                    p,
-                )
-            })
+            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
             .collect();
         let mut desired_keys = std::collections::HashSet::new();
         let mut applies = Vec::new();
@@ -224,31 +219,27 @@ impl Reconciler {
             let Some(&owner) = nsg_by_key.get(&(p.namespace.as_str(), p.nsg.as_str())) else {
                 continue;
             };
-            let Some(uid) = snap.nsgs[owner].metadata.uid.as_deref() else {
-                continue;
-            };
+            let uid = snap.nsgs[owner].uid.as_str();
             desired_keys.insert((p.namespace.as_str(), p.name.as_str()));
             policy_names[owner].push(p.name.clone());
-            let object = policy::apply_object(p, uid);
             match observed.get(&(p.namespace.as_str(), p.name.as_str())) {
-                Some(np) if policy::owner_uid(np).is_none() => {
+                Some(np) if np.owner_uid.is_none() => {
                     programmed[owner] = Programmed::NotOwned(format!(
                         "NetworkPolicy {}/{} exists and is not managed by kube-nsg; it is left alone",
                         p.namespace, p.name
                     ));
                 }
-                Some(np) if policy::up_to_date(&object, np) => {}
-                _ => applies.push((owner, p, object)),
+                Some(np) if policy::up_to_date(p, uid, np) => {}
+                _ => applies.push((owner, p, uid)),
             }
         }
-        let results: Vec<_> =
-            futures::stream::iter(applies.into_iter().map(|(owner, p, object)| {
-                let ctx = &ctx;
-                async move { (owner, p, apply_policy(ctx, p, object).await) }
-            }))
-            .buffer_unordered(self.settings.concurrency)
-            .collect()
-            .await;
+        let results: Vec<_> = futures::stream::iter(applies.into_iter().map(|(owner, p, uid)| {
+            let ctx = &ctx;
+            async move { (owner, p, apply_policy(ctx, p, uid).await) }
+        }))
+        .buffer_unordered(self.settings.concurrency)
+        .collect()
+        .await;
         for (owner, p, result) in results {
             match result {
                 Ok(writes) => report.writes += writes,
@@ -270,6 +261,7 @@ impl Reconciler {
             return report;
         }
 
+        timer.mark("policies");
         // 2. Pod labels.
         let mut relabels = Vec::new();
         let mut labelled = 0;
@@ -282,13 +274,15 @@ impl Reconciler {
             if entry.deleting {
                 continue;
             }
-            let current: BTreeMap<&String, &String> = entry
+            let current: BTreeMap<&str, &str> = entry
                 .labels
                 .iter()
                 .filter(|(k, _)| is_managed_label(k))
                 .collect();
             let same = current.len() == desired.len()
-                && desired.iter().all(|(k, v)| current.get(k) == Some(&v));
+                && desired
+                    .iter()
+                    .all(|(k, v)| current.get(k.as_str()) == Some(&v.as_str()));
             if !same {
                 relabels.push((entry.clone(), desired));
             }
@@ -320,18 +314,16 @@ impl Reconciler {
             return report;
         }
 
+        timer.mark("labels");
         // 3. Stale NetworkPolicies: ours, owned by an NSG that exists and has a model in force,
         // and not produced this pass. Policies of deleted NSGs are the garbage collector's;
         // those of an NSG with no valid spec known stay as they are.
         let mut deletes = Vec::new();
         for np in &snap.policies {
-            let Some(uid) = policy::owner_uid(np) else {
+            let Some(uid) = np.owner_uid.as_deref() else {
                 continue;
             };
-            let key = (
-                np.metadata.namespace.as_deref().unwrap_or(""),
-                np.metadata.name.as_deref().unwrap_or(""),
-            );
+            let key = (np.namespace.as_str(), np.name.as_str());
             if desired_keys.contains(&key) {
                 continue;
             }
@@ -358,10 +350,10 @@ impl Reconciler {
                 Err(e) => {
                     report.writes += 1;
                     report.failures += 1;
-                    warn!(policy = %np.name_any(), error = %e, "deleting stale NetworkPolicy failed");
+                    warn!(policy = %np.name, error = %e, "deleting stale NetworkPolicy failed");
                     programmed[owner] = Programmed::Failed(format!(
                         "deleting stale NetworkPolicy {}: {e}",
-                        np.name_any()
+                        np.name
                     ));
                 }
             }
@@ -370,6 +362,7 @@ impl Reconciler {
             return report;
         }
 
+        timer.mark("stale");
         // 4. Statuses and Events.
         let now = status::now();
         let sums = Summaries::new(&res);
@@ -378,12 +371,12 @@ impl Reconciler {
         let mut status_writes = Vec::new();
         for (i, obj) in snap.nsgs.iter().enumerate() {
             let state = &built.nsgs[i];
-            let id = ObjectRef::new(obj.namespace().unwrap_or_default(), obj.name_any());
+            let id = ObjectRef::new(&obj.namespace, &obj.name);
             let mut names = std::mem::take(&mut policy_names[i]);
             names.sort();
             let facts = NsgFacts {
                 id: &id,
-                generation: obj.metadata.generation,
+                generation: obj.generation,
                 model: state.model,
                 errors: state.errors.as_ref(),
                 programmed: programmed[i].clone(),
@@ -393,26 +386,13 @@ impl Reconciler {
                 anomalies: output.anomalies.get(&id).cloned().unwrap_or_default(),
             };
             let conds = status::nsg_conditions(&res, &facts);
-            let observed_conditions = obj
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            let conditions =
-                status::conditions(observed_conditions, &conds, obj.metadata.generation, now);
+            let conditions = status::conditions(&obj.conditions, &conds, obj.generation, now);
             let desired = status::nsg_status(&res, &sums, &facts, conditions);
-            let mut compare = desired.clone();
-            compare.conditions =
-                status::owned_conditions(&compare.conditions, &status::NSG_CONDITIONS);
-            if compare == status::owned_nsg_status(obj.status.as_ref()) {
+            if status_digest(&status::owned_nsg_status(Some(&desired))) == obj.status {
                 continue;
             }
-            let alerts = status::nsg_alerts(observed_conditions, &conds);
-            status_writes.push(StatusWrite::Nsg(
-                obj.clone(),
-                serde_json::to_value(&desired).unwrap_or_default(),
-                alerts,
-            ));
+            let alerts = status::nsg_alerts(&obj.conditions, &conds);
+            status_writes.push(StatusWrite::Nsg(obj.clone(), Box::new(desired), alerts));
         }
         for obj in &snap.asgs {
             let id = ObjectRef::new(obj.namespace().unwrap_or_default(), obj.name_any());
@@ -453,6 +433,7 @@ impl Reconciler {
                 serde_json::to_value(&desired).unwrap_or_default(),
             ));
         }
+        timer.mark("status-diff");
         let recorder = &self.recorder;
         let results: Vec<_> = futures::stream::iter(status_writes.into_iter().map(|w| {
             let ctx = &ctx;
@@ -474,6 +455,8 @@ impl Reconciler {
             }
         }
 
+        timer.mark("status-write");
+        debug!(phases = %timer, "pass phases");
         self.metrics
             .set_managed("networkpolicies", output.policies.len());
         self.metrics.set_managed("labelled_pods", labelled);
@@ -482,10 +465,33 @@ impl Reconciler {
         self.metrics
             .set_managed("applicationsecuritygroups", snap.asgs.len());
         self.metrics.set_managed("servicetags", snap.tags.len());
-        drop(sums);
-        drop(res);
-        self.memo = Some((built.inventory, output));
+        self.memo = Some((inventory_digest, output));
         report
+    }
+}
+
+/// Milliseconds spent in each phase of a pass, for debug logs.
+struct PhaseTimer {
+    last: Option<Instant>,
+    phases: Vec<(&'static str, u128)>,
+}
+
+impl PhaseTimer {
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        let since = self.last.unwrap_or(now);
+        self.phases
+            .push((phase, now.duration_since(since).as_millis()));
+        self.last = Some(now);
+    }
+}
+
+impl std::fmt::Display for PhaseTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, ms)) in self.phases.iter().enumerate() {
+            write!(f, "{}{phase}={ms}ms", if i > 0 { " " } else { "" })?;
+        }
+        Ok(())
     }
 }
 
@@ -497,8 +503,9 @@ fn is_conflict(e: &kube::Error) -> bool {
 async fn apply_policy(
     ctx: &Ctx<'_>,
     p: &compile::DesiredPolicy,
-    object: Value,
+    owner_uid: &str,
 ) -> Result<usize, WriteError> {
+    let object = policy::apply_object(p, owner_uid);
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &p.namespace);
     ctx.write("networkpolicies", "apply")?;
     let applied = api
@@ -508,13 +515,13 @@ async fn apply_policy(
             &Patch::Apply(&object),
         )
         .await?;
-    if policy::up_to_date(&object, &applied) {
+    if policy::up_to_date(p, owner_uid, &ObservedPolicy::from_api(&applied)) {
         return Ok(1);
     }
     // Someone else's fields survive inside ours (e.g. an extra key in matchLabels added with
     // `kubectl edit`): replace the spec as a whole.
     let mut replacement: NetworkPolicy =
-        serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
+        serde_json::from_value(object).map_err(kube::Error::SerdeError)?;
     let mut metadata = applied.metadata.clone();
     metadata.managed_fields = None;
     replacement.metadata = metadata;
@@ -531,20 +538,17 @@ async fn apply_policy(
     }
 }
 
-async fn delete_policy(ctx: &Ctx<'_>, np: &NetworkPolicy) -> Result<(), WriteError> {
-    let api: Api<NetworkPolicy> = Api::namespaced(
-        ctx.client.clone(),
-        np.metadata.namespace.as_deref().unwrap_or(""),
-    );
+async fn delete_policy(ctx: &Ctx<'_>, np: &ObservedPolicy) -> Result<(), WriteError> {
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &np.namespace);
     ctx.write("networkpolicies", "delete")?;
     let dp = DeleteParams {
         preconditions: Some(Preconditions {
-            uid: np.metadata.uid.clone(),
+            uid: np.uid.clone(),
             resource_version: None,
         }),
         ..DeleteParams::default()
     };
-    api.delete(&np.name_any(), &dp).await?;
+    api.delete(&np.name, &dp).await?;
     Ok(())
 }
 
@@ -557,9 +561,11 @@ async fn write_pod_labels(
     desired: &BTreeMap<String, String>,
 ) -> Result<usize, WriteError> {
     let api: Api<ApiPod> = Api::namespaced(ctx.client.clone(), &pod.namespace);
-    let missing = desired.iter().any(|(k, v)| pod.labels.get(k) != Some(v));
+    let missing = desired
+        .iter()
+        .any(|(k, v)| pod.labels.get(k) != Some(v.as_str()));
     let mut writes = 0;
-    let mut labels = pod.labels.clone();
+    let mut labels = pod.labels.to_map();
     if missing {
         let body = json!({
             "apiVersion": "v1",
@@ -568,14 +574,15 @@ async fn write_pod_labels(
         });
         ctx.write("pods", "apply")?;
         writes += 1;
+        // Only the metadata comes back: the labels are all this needs.
         let applied = api
-            .patch(
+            .patch_metadata(
                 &pod.name,
                 &PatchParams::apply(LABEL_MANAGER).force(),
                 &Patch::Apply(&body),
             )
             .await?;
-        labels = applied.labels().clone();
+        labels = applied.metadata.labels.unwrap_or_default();
     }
     let extra: serde_json::Map<String, Value> = labels
         .keys()
@@ -590,22 +597,63 @@ async fn write_pod_labels(
             field_manager: Some(LABEL_MANAGER.into()),
             ..PatchParams::default()
         };
-        api.patch(&pod.name, &pp, &Patch::Merge(&patch)).await?;
+        api.patch_metadata(&pod.name, &pp, &Patch::Merge(&patch))
+            .await?;
     }
     Ok(writes)
 }
 
 enum StatusWrite {
-    Nsg(Arc<NetworkSecurityGroup>, Value, Vec<status::Alert>),
+    Nsg(
+        Arc<NsgEntry>,
+        Box<NetworkSecurityGroupStatus>,
+        Vec<status::Alert>,
+    ),
     Asg(Arc<ApplicationSecurityGroup>, Value),
     Tag(Arc<ServiceTag>, Value),
 }
 
-fn status_body<K: Resource<DynamicType = ()>>(obj: &K, status: Value) -> Value {
+/// Server-side applies a status with the field manager `kube-nsg`, asking for only the
+/// metadata back: a group's status weighs tens of KiB, and parsing it back for nothing costs
+/// time and memory.
+async fn apply_status<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    name: &str,
+    body: Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut req = kube::core::Request::new(K::url_path(&(), namespace))
+        .patch_subresource(
+            "status",
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .map_err(kube::Error::BuildRequest)?;
+    req.headers_mut().insert(
+        axum::http::header::ACCEPT,
+        axum::http::HeaderValue::from_static(
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+        ),
+    );
+    client
+        .request::<kube::core::PartialObjectMeta<K>>(req)
+        .await
+        .map(|_| ())
+}
+
+fn status_body<K: Resource<DynamicType = ()>>(
+    name: &str,
+    uid: Option<&str>,
+    status: Value,
+) -> Value {
     json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
-        "metadata": {"name": obj.meta().name, "uid": obj.meta().uid},
+        "metadata": {"name": name, "uid": uid},
         "status": status,
     })
 }
@@ -615,28 +663,25 @@ async fn write_status(
     recorder: &Recorder,
     w: StatusWrite,
 ) -> (usize, Result<(), WriteError>) {
-    let pp = PatchParams::apply(MANAGER).force();
     match w {
         StatusWrite::Nsg(obj, status, alerts) => {
-            let api: Api<NetworkSecurityGroup> = Api::namespaced(
-                ctx.client.clone(),
-                obj.metadata.namespace.as_deref().unwrap_or(""),
-            );
             if let Err(e) = ctx.write("networksecuritygroups/status", "apply") {
                 return (0, Err(e));
             }
-            if let Err(e) = api
-                .patch_status(
-                    &obj.name_any(),
-                    &pp,
-                    &Patch::Apply(status_body(&*obj, status)),
-                )
-                .await
-            {
+            let status = serde_json::to_value(&status).unwrap_or_default();
+            let body = status_body::<NetworkSecurityGroup>(&obj.name, Some(&obj.uid), status);
+            let applied = apply_status::<NetworkSecurityGroup>(
+                ctx.client,
+                Some(&obj.namespace),
+                &obj.name,
+                body,
+            )
+            .await;
+            if let Err(e) = applied {
                 return (1, Err(e.into()));
             }
             let mut writes = 1;
-            let reference = obj.object_ref(&());
+            let reference = obj.object_ref();
             for alert in alerts {
                 if ctx.write("events", "create").is_err() {
                     break;
@@ -650,41 +695,35 @@ async fn write_status(
                     secondary: None,
                 };
                 if let Err(e) = recorder.publish(&event, &reference).await {
-                    warn!(nsg = %obj.name_any(), error = %e, "publishing an Event failed");
+                    warn!(nsg = %obj.name, error = %e, "publishing an Event failed");
                 }
             }
             (writes, Ok(()))
         }
         StatusWrite::Asg(obj, status) => {
-            let api: Api<ApplicationSecurityGroup> = Api::namespaced(
-                ctx.client.clone(),
-                obj.metadata.namespace.as_deref().unwrap_or(""),
-            );
             if let Err(e) = ctx.write("applicationsecuritygroups/status", "apply") {
                 return (0, Err(e));
             }
-            let r = api
-                .patch_status(
-                    &obj.name_any(),
-                    &pp,
-                    &Patch::Apply(status_body(&*obj, status)),
-                )
-                .await;
-            (1, r.map(|_| ()).map_err(Into::into))
+            let name = obj.name_any();
+            let body =
+                status_body::<ApplicationSecurityGroup>(&name, obj.metadata.uid.as_deref(), status);
+            let r = apply_status::<ApplicationSecurityGroup>(
+                ctx.client,
+                obj.metadata.namespace.as_deref(),
+                &name,
+                body,
+            )
+            .await;
+            (1, r.map_err(Into::into))
         }
         StatusWrite::Tag(obj, status) => {
-            let api: Api<ServiceTag> = Api::all(ctx.client.clone());
             if let Err(e) = ctx.write("servicetags/status", "apply") {
                 return (0, Err(e));
             }
-            let r = api
-                .patch_status(
-                    &obj.name_any(),
-                    &pp,
-                    &Patch::Apply(status_body(&*obj, status)),
-                )
-                .await;
-            (1, r.map(|_| ()).map_err(Into::into))
+            let name = obj.name_any();
+            let body = status_body::<ServiceTag>(&name, obj.metadata.uid.as_deref(), status);
+            let r = apply_status::<ServiceTag>(ctx.client, None, &name, body).await;
+            (1, r.map_err(Into::into))
         }
     }
 }
