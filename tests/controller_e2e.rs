@@ -214,6 +214,25 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
             "{what}: expected {message:?} in\n{err}"
         );
     }
+
+    // The priority check is ratcheted (not re-run while the rules do not change); an update
+    // that introduces a duplicate is still rejected.
+    let ns = TestNamespace::new("cel");
+    apply_ok(&nsg(&ns.name, "valid", "subnet: true", &[&rule("")]));
+    let dup = nsg(
+        &ns.name,
+        "valid",
+        "subnet: true",
+        &[
+            &rule(""),
+            "{name: s, priority: 100, direction: Inbound, access: Deny, protocol: Udp, sourceAddressPrefix: '*', destinationAddressPrefix: '*'}",
+        ],
+    );
+    let err = apply(&dup).expect_err("an update with a duplicate priority was accepted");
+    assert!(
+        err.contains("priorities must be unique per direction"),
+        "{err}"
+    );
 }
 
 #[test]
