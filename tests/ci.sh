@@ -9,6 +9,7 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 shellcheck -x tests/*.sh tests/*/*.sh .ci/run
 cargo build --release --bins
+bash tests/image.sh
 # One test binary at a time shares the one local control plane; tests inside a binary
 # use their own namespaces.
 cargo test --all-targets -- --test-threads=2

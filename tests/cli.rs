@@ -78,7 +78,7 @@ fn verify_without_any_group_says_so_and_rule_is_null() {
         "--protocol",
         "icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
         "-o",
         "json",
     ]);
@@ -102,7 +102,7 @@ fn verify_requires_ports_for_tcp_and_refuses_them_for_icmp() {
         "--protocol",
         "Tcp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
     ]);
     assert!(!out.status.success());
     assert!(
@@ -121,7 +121,7 @@ fn verify_requires_ports_for_tcp_and_refuses_them_for_icmp() {
         "--protocol",
         "Icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
         "--local-port",
         "80",
     ]);
@@ -192,7 +192,7 @@ fn invalid_objects_are_all_reported_with_file_object_rule_and_field() {
         "--protocol",
         "Icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
     ]);
     assert!(!out.status.success());
     let err = stderr(&out);
