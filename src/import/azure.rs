@@ -1405,7 +1405,9 @@ impl<'c, 'a> Converter<'c, 'a> {
             let name = name
                 .filter(|n| !arm::is_expression(n))
                 .map(|n| n.rsplit('/').next().unwrap_or(n));
-            let mut outcome = read_rule(self.scopes, child.scope, child.value, &child.path, name);
+            let mut outcome = copy_loop(child).unwrap_or_else(|| {
+                read_rule(self.scopes, child.scope, child.value, &child.path, name)
+            });
             self.add_condition(&mut outcome, child);
             self.push(di, outcome, child.path.clone());
         }
@@ -1621,9 +1623,10 @@ impl<'c, 'a> Converter<'c, 'a> {
                 return;
             }
         };
-        let mut outcome = match &p.rule_name {
-            Err(reason) => skipped(raw_name.clone(), "name", reason.clone(), &found.path),
-            Ok(name) => read_rule(
+        let mut outcome = match (copy_loop(found), &p.rule_name) {
+            (Some(looped), _) => looped,
+            (None, Err(reason)) => skipped(raw_name.clone(), "name", reason.clone(), &found.path),
+            (None, Ok(name)) => read_rule(
                 self.scopes,
                 found.scope,
                 found.value,
@@ -1644,6 +1647,26 @@ impl<'c, 'a> Converter<'c, 'a> {
         self.add_condition(&mut outcome, found);
         self.push(d, outcome, found.path.clone());
     }
+}
+
+/// A rule resource that is a copy loop stands for rules computed at deployment: reported,
+/// not converted.
+fn copy_loop(found: &Found<'_>) -> Option<Outcome> {
+    let copy = found.value.as_object()?.get("copy")?;
+    let count = copy.get("count").map(show).unwrap_or_else(|| "?".into());
+    let name = found
+        .value
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Some(skipped(
+        name,
+        "copy",
+        format!(
+            "the rule resource is a copy loop (count {count}): rules computed by a copy loop are not converted; add them by hand"
+        ),
+        &found.path,
+    ))
 }
 
 /// `concat(A, '/rule')` or `format('{0}/rule', A)` into `(A, 'rule')`.

@@ -31,6 +31,25 @@
 //! Every produced object passes the project's validation (`Nsg::try_from`) and the CRD's
 //! bounds; a rule that would make its group invalid (duplicate priority, ICMP with ports, a
 //! priority outside 100..4096, ...) is skipped and reported instead.
+//!
+//! Names: groups and ASGs get lower-case DNS-1123 label names (`myNSG_01` becomes
+//! `mynsg-01`, at most 63 characters, so they can also be label values and label-key parts),
+//! made unique with `-2`, `-3`; rule names are kept when Azure-valid. The Azure name and id
+//! are kept in the `kubensg.io/azure-name` and `kubensg.io/azure-id` annotations.
+//!
+//! Wiring `kube-nsg import azure FILE --namespace NS [-o yaml|json]`: an `Err` (unreadable
+//! file, invalid JSON with its line, no NSG in it, bad namespace) is the command's error and
+//! exit status; reported issues are not errors.
+//!
+//! ```no_run
+//! use kube_nsg::import::{OutputFormat, import_azure_file};
+//! # fn run(file: &std::path::Path, namespace: &str, format: OutputFormat) -> Result<(), kube_nsg::import::ImportError> {
+//! let import = import_azure_file(file, namespace)?;
+//! eprint!("{}", import.report()); // one line per issue, then the summary
+//! print!("{}", import.render(format)); // YAML starts with the issues as # comments
+//! # Ok(())
+//! # }
+//! ```
 
 mod arm;
 mod azure;
@@ -200,6 +219,11 @@ pub enum ImportError {
 /// Imports the JSON text of an Azure NSG export into `namespace`. `source` names the input
 /// in messages. A UTF-8 byte-order mark, CRLF line ends and ARM-style `//` and `/* */`
 /// comments are accepted.
+///
+/// Every group is imported with `subnet: true` (it applies to every pod of `namespace`, as
+/// an NSG associated with a subnet) and no `podSelector`; when the export shows the group on
+/// network interfaces, an [`IssueKind::Info`] issue says so. ASGs are imported without
+/// `podSelector` (pods join by annotation).
 pub fn import_azure(source: &str, json_text: &str, namespace: &str) -> Result<Import, ImportError> {
     if !is_dns_label(namespace) {
         return Err(ImportError::Namespace {

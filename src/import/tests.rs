@@ -643,6 +643,26 @@ fn copy_loops_and_rule_expressions_are_unsupported() {
 }
 
 #[test]
+fn rule_resources_in_copy_loops_are_reported() {
+    let mut looped = rule(
+        "[parameters('rules')[copyIndex()].name]",
+        json!(100),
+        json!({}),
+    );
+    looped["name"] = json!("[concat('web_NSG/', parameters('rules')[copyIndex()].name)]");
+    looped["type"] = json!("Microsoft.Network/networkSecurityGroups/securityRules");
+    looped["copy"] = json!({"name": "rules", "count": "[length(parameters('rules'))]"});
+    let i = import(&template(json!([
+        nsg("[parameters('nsgName')]", vec![]),
+        looped
+    ])));
+    assert_eq!(i.stats.rules_found, 1);
+    let skipped = i.issues_of(IssueKind::Skipped).next().unwrap();
+    assert_eq!(skipped.nsg.as_deref(), Some("web-nsg"));
+    assert!(skipped.message.contains("copy loop"), "{skipped}");
+}
+
+#[test]
 fn conditions_are_reported() {
     let mut a = nsg("a", vec![]);
     a["condition"] = json!(false);
