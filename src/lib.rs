@@ -7,5 +7,6 @@ pub mod api;
 pub mod cli;
 pub mod effective;
 pub mod eval;
+pub mod import;
 pub mod model;
 pub mod resolve;
