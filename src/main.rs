@@ -24,6 +24,16 @@ enum Command {
     Verify(cli::VerifyArgs),
     /// The effective security rules of a pod, per direction and stage.
     Effective(cli::EffectiveArgs),
+    /// Convert security groups from other systems into kube-nsg objects.
+    #[command(subcommand)]
+    Import(ImportSource),
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// An Azure NSG export: an ARM template, `az network nsg show/list` or REST JSON.
+    /// What cannot be converted is reported on stderr and in the output's comments.
+    Azure(cli::ImportAzureArgs),
 }
 
 fn run(args: Args) -> Result<String, CliError> {
@@ -31,6 +41,7 @@ fn run(args: Args) -> Result<String, CliError> {
         Command::Crds => Ok(kube_nsg::api::crds_yaml()),
         Command::Verify(a) => cli::verify(&a),
         Command::Effective(a) => cli::effective(&a),
+        Command::Import(ImportSource::Azure(a)) => cli::import_azure(&a),
     }
 }
 

@@ -231,3 +231,31 @@ fn unreadable_input_fails_cleanly() {
     );
     assert!(!stderr(&out).contains("panicked"));
 }
+
+#[test]
+fn import_azure_prints_objects_and_reports_what_it_could_not_convert() {
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/azure-nsg");
+    assert!(
+        std::path::Path::new(corpus).is_dir(),
+        "the Azure corpus is missing at {corpus}"
+    );
+    let out = kube_nsg(&[
+        "import",
+        "azure",
+        &format!("{corpus}/05-aml-secure-regional-tags.json"),
+        "-n",
+        "ml",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let yaml = stdout(&out);
+    assert!(
+        yaml.contains("kind: NetworkSecurityGroup") && yaml.contains("namespace: ml"),
+        "{yaml}"
+    );
+    // The regional tags are template expressions: skipped and said so, never dropped silently.
+    assert!(stderr(&out).contains("Storage.{0}"), "{}", stderr(&out));
+    assert!(yaml.contains("# Issues"), "{yaml}");
+    let bad = kube_nsg(&["import", "azure", "README.md", "-n", "x"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("README.md"), "{}", stderr(&bad));
+}

@@ -332,3 +332,22 @@ pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
     }
     out
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportAzureArgs {
+    /// The JSON file.
+    pub file: PathBuf,
+    /// The namespace of the objects produced (the "subnet" the groups are associated with).
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+    pub output: crate::import::OutputFormat,
+}
+
+/// Prints the objects; what was not converted goes to stderr (and the YAML's comments).
+pub fn import_azure(args: &ImportAzureArgs) -> Result<String, CliError> {
+    let import = crate::import::import_azure_file(&args.file, &args.namespace)
+        .map_err(|e| CliError(e.to_string()))?;
+    eprint!("{}", import.report());
+    Ok(import.render(args.output))
+}
