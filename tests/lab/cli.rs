@@ -174,6 +174,7 @@ async fn run(command: Command) -> Result<ExitCode, LabError> {
                 node_ip,
                 internet: !no_internet,
             };
+            let with_cluster = client.is_some();
             let lab = Lab::up_with(&files, client, config).await?;
             for ep in &lab.endpoints {
                 let ips: Vec<String> = ep.ips.iter().map(ToString::to_string).collect();
@@ -186,11 +187,15 @@ async fn run(command: Command) -> Result<ExitCode, LabError> {
                 );
             }
             println!(
-                "lab up: {} endpoints in {:.2} s; node {} {}",
+                "lab up: {} endpoints in {:.2} s; node IP {}; {}",
                 lab.endpoints.len(),
                 t.elapsed().as_secs_f64(),
-                lab.config.node_name,
-                lab.config.node_ip
+                lab.config.node_ip,
+                if with_cluster {
+                    format!("Node {} and its Pods in the API", lab.config.node_name)
+                } else {
+                    "nothing in the API (--no-cluster)".into()
+                }
             );
             lab.keep();
             Ok(ExitCode::SUCCESS)

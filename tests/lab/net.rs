@@ -15,10 +15,11 @@ use super::state::State;
 
 /// Ranges blackholed on the host before anything else, so that no packet of the lab can leave
 /// the machine whatever else goes wrong: pods, services, the node IP's range, the Internet
-/// stand-in (198.18.0.0/24, the benchmarking range), and their IPv6 counterparts.
-/// NOTE (lead): never 203.0.113.0/24 or 192.0.2.0/24: on these machines the package
-/// registries' proxy is 203.0.113.80 and the host's own link is 192.0.2.0/24; a blackhole
-/// there cuts apt, cargo and Go off.
+/// stand-in (198.18.0.0/24, the benchmarking range of RFC 2544), and their IPv6 counterparts.
+///
+/// Not the documentation ranges (TEST-NET-1..3) for the Internet stand-in: on the project's
+/// test machines the host's own link is 192.0.2.0/24 and the package registries resolve to
+/// 203.0.113.80, so a blackhole there cuts apt, cargo and Go off for everyone on the machine.
 pub const BLACKHOLES: [&str; 7] = [
     "10.244.0.0/16",
     "10.96.0.0/16",
@@ -273,8 +274,50 @@ pub fn check_addresses(endpoints: &[Endpoint]) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Refuses to blackhole a range that holds one of the host's own addresses (other than the
+/// lab's) or the gateway of one of its routes: that would cut the machine off.
+fn check_blackholes() -> Result<(), LabError> {
+    let ranges: Vec<IpNet> = BLACKHOLES.iter().map(|r| r.parse().unwrap()).collect();
+    let mut used: Vec<(IpAddr, String)> = Vec::new();
+    let addrs: serde_json::Value =
+        serde_json::from_str(&ip(&["-j", "addr", "show"])?).unwrap_or_default();
+    for link in addrs.as_array().into_iter().flatten() {
+        let name = link["ifname"].as_str().unwrap_or_default();
+        if name == DUMMY || name.starts_with(VETH_PREFIX) {
+            continue;
+        }
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if let Some(addr) = a["local"].as_str().and_then(|a| a.parse().ok()) {
+                used.push((addr, format!("an address of {name}")));
+            }
+        }
+    }
+    for family in ["-4", "-6"] {
+        if family == "-6" && !ipv6_available() {
+            continue;
+        }
+        let routes: serde_json::Value =
+            serde_json::from_str(&ip(&[family, "-j", "route", "show", "table", "all"])?)
+                .unwrap_or_default();
+        for r in routes.as_array().into_iter().flatten() {
+            if let Some(gw) = r["gateway"].as_str().and_then(|g| g.parse().ok()) {
+                used.push((gw, "a gateway".into()));
+            }
+        }
+    }
+    for (addr, what) in used {
+        if let Some(range) = ranges.iter().find(|r| r.contains(&addr)) {
+            return Err(LabError::Other(format!(
+                "refusing to blackhole {range}: {addr} is {what} of this machine"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Blackholes, the node IP, forwarding; idempotent. Must run before any endpoint exists.
 pub fn host_up(state: &mut State, v6: bool) -> Result<(), LabError> {
+    check_blackholes()?;
     for range in BLACKHOLES {
         let is_v6 = range.contains(':');
         if is_v6 && !ipv6_available() {
