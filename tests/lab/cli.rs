@@ -98,7 +98,7 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         retry_timeout_ms: u64,
         /// Probes in flight at once.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 64)]
         concurrency: usize,
         /// Leave the Internet stand-in out.
         #[arg(long)]
@@ -241,6 +241,7 @@ async fn run(command: Command) -> Result<ExitCode, LabError> {
                 retry_timeout: Duration::from_millis(retry_timeout_ms),
                 concurrency,
                 internet: !no_internet,
+                endpoints: None,
             };
             let report = lab.probe(&inventory, &spec).await?;
             match output {

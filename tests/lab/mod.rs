@@ -333,10 +333,23 @@ impl Lab {
     ) -> Result<ProbeReport, LabError> {
         let start = Instant::now();
         self.listen(&spec.targets).await?;
+        if let Some(unknown) = spec
+            .endpoints
+            .iter()
+            .flatten()
+            .find(|n| self.endpoint(n).is_err())
+        {
+            return Err(LabError::Other(format!("no endpoint {unknown} in the lab")));
+        }
         let endpoints: Vec<&Endpoint> = self
             .endpoints
             .iter()
             .filter(|e| spec.internet || !e.is_internet())
+            .filter(|e| {
+                spec.endpoints
+                    .as_ref()
+                    .is_none_or(|only| only.contains(&e.name))
+            })
             .collect();
         let mut flows = Vec::new();
         for (s, src) in endpoints.iter().enumerate() {

@@ -23,6 +23,9 @@ pub struct ProbeSpec {
     pub concurrency: usize,
     /// Include the Internet stand-in as a source and a destination.
     pub internet: bool,
+    /// Only these endpoints (`namespace/name`, `internet`) as sources and destinations;
+    /// `None`: all.
+    pub endpoints: Option<Vec<String>>,
 }
 
 impl Default for ProbeSpec {
@@ -36,8 +39,9 @@ impl Default for ProbeSpec {
             ],
             timeout: Duration::from_millis(300),
             retry_timeout: Duration::from_millis(1000),
-            concurrency: 32,
+            concurrency: 64,
             internet: true,
+            endpoints: None,
         }
     }
 }
