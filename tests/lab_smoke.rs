@@ -481,3 +481,65 @@ async fn the_cli_ups_probes_against_the_evaluator_and_downs() {
     assert_eq!(code, Some(2));
     assert!(err.contains("run `lab up`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_cleans_up_after_an_interrupted_up() {
+    let _serial = SERIAL.lock().await;
+    let _ = client().await;
+    let dir = std::env::temp_dir().join("kube-nsg-lab-smoke-crash");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pods: String = (1..=40)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: \
+                 lab-smoke-crash}}\nspec:\n  containers: [{{name: app, image: pause}}]\n\
+                 status:\n  podIP: 10.244.20.{i}\n"
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("pods.yaml"), pods).unwrap();
+    let bin = lab::server::lab_binary().expect("the lab binary");
+    // Killed part-way (SIGKILL: no destructor runs), wherever that happens to be.
+    let mut up = Command::new(bin)
+        .args([
+            "up",
+            "-f",
+            dir.to_str().unwrap(),
+            "--kubeconfig",
+            KUBECONFIG,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let _ = up.kill();
+    let _ = up.wait();
+    let state = std::fs::read_to_string(Path::new(lab::state::STATE_DIR).join("state.json"))
+        .unwrap_or_default();
+    let out = Command::new(bin)
+        .args(["down", "--kubeconfig", KUBECONFIG])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lab down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let netns: Vec<String> = (1..=40)
+        .map(|i| format!("nsg-lab-smoke-crash-p{i}"))
+        .chain(["nsg-internet".to_string()])
+        .collect();
+    assert_eq!(
+        lab_leftovers(&netns),
+        Vec::<String>::new(),
+        "state was {state}"
+    );
+    let blackholes = lab::net::ip(&["route", "show", "type", "blackhole", "proto", "252"]).unwrap();
+    assert_eq!(blackholes, "", "state was {state}");
+    let client = client().await;
+    let left = Api::<Pod>::namespaced(client, "lab-smoke-crash")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(left.items.is_empty(), "{:?}", left.items.len());
+}
