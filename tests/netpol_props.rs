@@ -256,7 +256,7 @@ fn assert_valid(policy: &Value) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(ProptestConfig { cases: 3000, max_local_rejects: 1 << 22, ..ProptestConfig::default() })]
 
     #[test]
     fn policies_agree_with_the_evaluator(
@@ -277,7 +277,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(500))]
+    #![proptest_config(ProptestConfig { cases: 500, max_local_rejects: 1 << 22, ..ProptestConfig::default() })]
 
     /// The labels the policies rely on are exactly membership and binding.
     #[test]

@@ -140,8 +140,8 @@ fn merge(a: &[u32], b: &[u32]) -> Vec<u32> {
 
 impl Ctx {
     /// The allowed flows for one pair of ends, given the rules matching the peer (in order) and
-    /// which rules apply to the target. `decided` hears every (rule, flows it decides), in
-    /// every stage, including stages after one that denies.
+    /// which rules apply to the target. `decided` hears every (rule, flows it decides among
+    /// those the earlier stages let through), as the evaluator reports deciding rules.
     fn walk(
         &self,
         list: &[u32],
@@ -161,7 +161,7 @@ impl Ctx {
             if current != Some(rule.stage) {
                 if current.is_some() {
                     result.and_assign(&allowed);
-                    if result.is_empty() && decided.is_none() {
+                    if result.is_empty() {
                         return result;
                     }
                 }
@@ -181,7 +181,11 @@ impl Ctx {
                 allowed.or_assign(&d);
             }
             if let Some(f) = decided.as_mut() {
-                f(id, &d);
+                // Only flows that earlier stages let through reach this one.
+                let reaching = d.and(&result);
+                if !reaching.is_empty() {
+                    f(id, &reaching);
+                }
             }
             undecided.minus_assign(&rule.bits);
         }
