@@ -119,8 +119,44 @@ fn endpoint(rng: &mut Rng, pool: &[IpNet], asgs: &[AsgRef]) -> (Endpoint, bool) 
     }
 }
 
-fn inventory() -> Inventory {
-    let mut rng = Rng(0x6b75_6265_6e73_67);
+/// A namespace-level group for namespace `n`: a few allows and denies, as a platform team
+/// would give every namespace.
+fn subnet_group(rng: &mut Rng, n: usize, pool: &[IpNet], asgs: &[AsgRef]) -> Nsg {
+    let rules = (0..20)
+        .map(|i| SecurityRule {
+            name: format!("subnet-{i:02}"),
+            description: None,
+            priority: 100 + i * 10,
+            direction: if i % 2 == 0 {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            access: if i % 5 == 0 {
+                Access::Deny
+            } else {
+                Access::Allow
+            },
+            protocol: Protocol::Tcp,
+            source: endpoint(rng, pool, asgs).0,
+            source_ports: vec![PortRange::ALL],
+            destination: Endpoint::any(),
+            destination_ports: port_ranges(rng),
+            is_default: false,
+        })
+        .collect();
+    Nsg {
+        id: ObjectRef::new(ns(n), format!("{}-subnet", ns(n))),
+        created: Some("2026-01-01T00:00:00Z".into()),
+        generation: Some(1),
+        subnet: true,
+        pod_selector: None,
+        rules,
+    }
+}
+
+fn inventory(every_namespace: bool) -> Inventory {
+    let mut rng = Rng(0x006b_7562_656e_7367);
     let pool = prefix_pool(&mut rng);
     let mut pods = Vec::new();
     for n in 0..NAMESPACES {
@@ -225,39 +261,12 @@ fn inventory() -> Inventory {
         }),
         rules,
     };
-    let subnet_rules = (0..20)
-        .map(|i| SecurityRule {
-            name: format!("subnet-{i:02}"),
-            description: None,
-            priority: 100 + i * 10,
-            direction: if i % 2 == 0 {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
-            access: if i % 5 == 0 {
-                Access::Deny
-            } else {
-                Access::Allow
-            },
-            protocol: Protocol::Tcp,
-            source: endpoint(&mut rng, &pool, &asg_refs).0,
-            source_ports: vec![PortRange::ALL],
-            destination: Endpoint::any(),
-            destination_ports: port_ranges(&mut rng),
-            is_default: false,
-        })
-        .collect();
-    let subnet = Nsg {
-        id: ObjectRef::new(ns(0), "team-000-subnet"),
-        created: Some("2026-01-01T00:00:00Z".into()),
-        generation: Some(1),
-        subnet: true,
-        pod_selector: None,
-        rules: subnet_rules,
-    };
+    let mut nsgs = vec![nic];
+    for n in 0..if every_namespace { NAMESPACES } else { 1 } {
+        nsgs.push(subnet_group(&mut rng, n, &pool, &asg_refs));
+    }
     Inventory {
-        nsgs: vec![nic, subnet],
+        nsgs,
         asgs,
         service_tags: vec![ServiceTag {
             name: "partners".into(),
@@ -394,7 +403,13 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let inv = inventory();
+    println!("== the issue's case: one 1,000-rule interface group and its namespace's group");
+    run(&inventory(false), true);
+    println!("\n== the same, and a 20-rule group in each of the 100 namespaces");
+    run(&inventory(true), false);
+}
+
+fn run(inv: &Inventory, analyze: bool) {
     let prefixes: usize = inv.nsgs[0]
         .rules
         .iter()
@@ -412,16 +427,16 @@ fn main() {
         })
         .sum();
     println!(
-        "input: {} rules in {} (+{} in {}), {prefixes} prefixes, {} ASGs, {} pods in {} namespaces",
+        "input: {} rules in {} (+{} groups of {} rules), {prefixes} prefixes, {} ASGs, {} pods in {} namespaces",
         inv.nsgs[0].rules.len(),
         inv.nsgs[0].id,
+        inv.nsgs.len() - 1,
         inv.nsgs[1].rules.len(),
-        inv.nsgs[1].id,
         inv.asgs.len(),
         inv.pods.len(),
         inv.namespaces.len()
     );
-    let (resolve_time, res) = time(3, || Resolved::new(&inv));
+    let (resolve_time, res) = time(3, || Resolved::new(inv));
     println!("resolve: {:.1} ms", resolve_time.as_secs_f64() * 1e3);
     let naive = naive(&res);
     let (naive_n, naive_b) = (naive.len(), bytes(&naive));
@@ -453,15 +468,17 @@ fn main() {
             "target: fewer objects than the naive translation"
         );
     }
-    let (t, anomalies) = time(1, || kube_nsg::analyze::analyze(&res, 0));
-    let count = |k| anomalies.iter().filter(|a| a.kind == k).count();
-    use kube_nsg::analyze::AnomalyKind::*;
-    println!(
-        "analyze {}: {:.1} ms; {} shadowed, {} redundant, {} correlated",
-        inv.nsgs[0].id,
-        t.as_secs_f64() * 1e3,
-        count(Shadowed),
-        count(Redundant),
-        count(Correlated)
-    );
+    if analyze {
+        let (t, anomalies) = time(1, || kube_nsg::analyze::analyze(&res, 0));
+        let count = |k| anomalies.iter().filter(|a| a.kind == k).count();
+        use kube_nsg::analyze::AnomalyKind::*;
+        println!(
+            "analyze {}: {:.1} ms; {} shadowed, {} redundant, {} correlated",
+            inv.nsgs[0].id,
+            t.as_secs_f64() * 1e3,
+            count(Shadowed),
+            count(Redundant),
+            count(Correlated)
+        );
+    }
 }

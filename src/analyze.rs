@@ -97,7 +97,32 @@ struct Cube {
     dport: IntervalSet,
 }
 
+/// Whether two sets share a value, without allocating.
+fn overlaps(a: &IntervalSet, b: &IntervalSet) -> bool {
+    let (a, b) = (a.ranges(), b.ranges());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].1 < b[j].0 {
+            i += 1;
+        } else if b[j].1 < a[i].0 {
+            j += 1;
+        } else {
+            return true;
+        }
+    }
+    false
+}
+
 impl Cube {
+    fn overlaps(&self, o: &Cube) -> bool {
+        self.v6 == o.v6
+            && self.protos & o.protos != 0
+            && overlaps(&self.dport, &o.dport)
+            && overlaps(&self.src, &o.src)
+            && overlaps(&self.dst, &o.dst)
+            && overlaps(&self.sport, &o.sport)
+    }
+
     fn intersect(&self, o: &Cube) -> Option<Cube> {
         if self.v6 != o.v6 || self.protos & o.protos == 0 {
             return None;
@@ -116,7 +141,7 @@ impl Cube {
 
     /// `self \ o` as disjoint boxes: peel off one dimension at a time.
     fn subtract(&self, o: &Cube, out: &mut Vec<Cube>) {
-        if self.intersect(o).is_none() {
+        if !self.overlaps(o) {
             out.push(self.clone());
             return;
         }
@@ -207,9 +232,7 @@ impl Region {
     }
 
     fn intersects(&self, o: &Region) -> bool {
-        self.0
-            .iter()
-            .any(|a| o.0.iter().any(|b| a.intersect(b).is_some()))
+        self.0.iter().any(|a| o.0.iter().any(|b| a.overlaps(b)))
     }
 
     /// `None` past the budget.
@@ -395,6 +418,9 @@ pub fn analyze(res: &Resolved, nsg: usize) -> Vec<Anomaly> {
                 let Some(decided) = decides[a].as_ref() else {
                     continue;
                 };
+                if !decided.intersects(&regions[b]) {
+                    continue;
+                }
                 let overlap = decided.intersect(&regions[b]);
                 if overlap.is_empty() {
                     continue;
