@@ -1,12 +1,14 @@
 //! kube-nsg: Azure-style network security groups for Kubernetes.
 //!
-//! The pure core (`model`, `resolve`, `eval`) holds the semantics; the shells around it
-//! talk to Kubernetes.
+//! The pure core (`model`, `resolve`, `eval`, `effective`, `netpol`, `analyze`) holds the
+//! semantics; the shells around it (`api`, `cli`, `import`) talk to Kubernetes and files.
 
+pub mod analyze;
 pub mod api;
 pub mod cli;
 pub mod effective;
 pub mod eval;
 pub mod import;
 pub mod model;
+pub mod netpol;
 pub mod resolve;

@@ -24,6 +24,10 @@ enum Command {
     Verify(cli::VerifyArgs),
     /// The effective security rules of a pod, per direction and stage.
     Effective(cli::EffectiveArgs),
+    /// The NetworkPolicies the controller would apply, or the per-rule fidelity report.
+    Compile(cli::CompileArgs),
+    /// Shadowed, redundant and correlated rules, each with an example flow.
+    Analyze(cli::AnalyzeArgs),
     /// Convert security groups from other systems into kube-nsg objects.
     #[command(subcommand)]
     Import(ImportSource),
@@ -41,6 +45,8 @@ fn run(args: Args) -> Result<String, CliError> {
         Command::Crds => Ok(kube_nsg::api::crds_yaml()),
         Command::Verify(a) => cli::verify(&a),
         Command::Effective(a) => cli::effective(&a),
+        Command::Compile(a) => cli::compile(&a),
+        Command::Analyze(a) => cli::analyze(&a),
         Command::Import(ImportSource::Azure(a)) => cli::import_azure(&a),
     }
 }

@@ -314,3 +314,87 @@ pub fn packet() -> impl Strategy<Value = Packet> {
             dst_port: dp,
         })
 }
+
+/// A group with random rules (the generator `inventory` uses), for callers that build their own.
+pub fn group(index: usize) -> impl Strategy<Value = Nsg> {
+    nsg(index)
+}
+
+/// Like `inventory`, but most namespaces also get a subnet-level group of random rules (younger
+/// than the others, so it loses any conflict), so that most flows meet rules at both ends, and
+/// half the groups end (before the defaults) with a broad deny, so that allow rules decide.
+pub fn dense_inventory() -> impl Strategy<Value = Inventory> {
+    let subnet_rules = || prop::option::weighted(0.8, prop::collection::vec(rule(), 0..7));
+    let closing = prop::option::of((
+        select(vec![Direction::Inbound, Direction::Outbound]),
+        select(vec![
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::Icmp,
+            Protocol::Any,
+        ]),
+    ));
+    (
+        inventory(),
+        [subnet_rules(), subnet_rules(), subnet_rules()],
+        prop::collection::btree_set(100u32..130, 7),
+        prop::collection::vec(closing, 8),
+    )
+        .prop_map(|(mut inv, per_ns, prios, closing)| {
+            let prios: Vec<u32> = prios.into_iter().collect();
+            for (ns, rules) in NAMESPACES.iter().zip(per_ns) {
+                if let Some(mut rules) = rules {
+                    number_rules(&mut rules, &prios);
+                    inv.nsgs.push(Nsg {
+                        id: ObjectRef::new(*ns, format!("subnet-{ns}")),
+                        created: Some("2026-01-02T00:00:00Z".into()),
+                        generation: Some(1),
+                        subnet: true,
+                        pod_selector: None,
+                        rules,
+                    });
+                }
+            }
+            for (nsg, close) in inv.nsgs.iter_mut().zip(closing) {
+                if let Some((direction, protocol)) = close {
+                    nsg.rules.push(SecurityRule {
+                        name: "deny-rest".into(),
+                        description: None,
+                        priority: 4096,
+                        direction,
+                        access: Access::Deny,
+                        protocol,
+                        source: Endpoint::any(),
+                        source_ports: vec![PortRange::ALL],
+                        destination: Endpoint::any(),
+                        destination_ports: vec![PortRange::ALL],
+                        is_default: false,
+                    });
+                }
+            }
+            inv
+        })
+}
+
+/// A first packet, between two pod addresses three times out of four, from a well-known
+/// source port as often as from an ephemeral one.
+pub fn pod_packet() -> impl Strategy<Value = Packet> {
+    let between_pods = (
+        select(POD_IPS.to_vec()),
+        select(POD_IPS.to_vec()),
+        select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
+        prop_oneof![1 => Just(40000u16), 1 => select(PORTS.to_vec())],
+        select(PORTS.to_vec()),
+    )
+        .prop_filter("one address family, two ends", |(s, d, ..)| {
+            s != d && ip(s).is_ipv4() == ip(d).is_ipv4()
+        })
+        .prop_map(|(s, d, protocol, sp, dp)| Packet {
+            protocol,
+            src: ip(s),
+            src_port: sp,
+            dst: ip(d),
+            dst_port: dp,
+        });
+    prop_oneof![3 => between_pods, 1 => packet()]
+}
