@@ -508,18 +508,23 @@ impl Compiler<'_, '_> {
         }
     }
 
-    /// Declares a named address set (both families) with the given members.
-    fn named_set(&mut self, stem: &str, comment_text: &str, members: &IpSet) {
+    /// Declares a named address set (both families) with the given members. ASG members are
+    /// listed one address each (`points`), so a pod joining is an element added, not a range
+    /// re-split.
+    fn named_set(&mut self, stem: &str, comment_text: &str, members: &IpSet, points: bool) {
         for fam in Family::BOTH {
             let name = format!("{stem}.{}", fam.suffix());
             if self.sets.contains_key(&name) {
                 continue;
             }
-            let elements = family_set(members, fam)
-                .ranges()
-                .iter()
-                .map(|&r| Element { key: vec![r], verdict: None })
-                .collect();
+            let ranges = family_set(members, fam).ranges();
+            let elements = if points {
+                ranges.iter().flat_map(|&(a, b)| (a..=b).map(|v| (v, v))).collect::<Vec<Span>>()
+            } else {
+                ranges.to_vec()
+            };
+            let elements =
+                elements.into_iter().map(|r| Element { key: vec![r], verdict: None }).collect();
             self.sets.insert(
                 name.clone(),
                 Set {
@@ -545,7 +550,7 @@ impl Compiler<'_, '_> {
                     }
                     let stem = ident(&format!("asg/{}/{}", asg.namespace, asg.name));
                     let members = self.asg_set(asg);
-                    self.named_set(&stem, &format!("members of ASG {asg}"), &members);
+                    self.named_set(&stem, &format!("members of ASG {asg}"), &members, true);
                     alts.push(Alt::Set { name: format!("{stem}.{}", fam.suffix()), negate: false });
                 }
             }
@@ -582,7 +587,7 @@ impl Compiler<'_, '_> {
 
     fn tag_set(&mut self, name: &str, members: &IpSet) -> String {
         let stem = ident(&format!("tag/{name}"));
-        self.named_set(&stem, &format!("service tag {name}"), members);
+        self.named_set(&stem, &format!("service tag {name}"), members, false);
         stem
     }
 
@@ -695,10 +700,30 @@ impl Compiler<'_, '_> {
         let single = contents.len() == 1;
         let base = stage.base.clone();
         let hint = stage.level_hint.clone();
+        // Rules that hold for some of the node's pods and not others tell the variants apart.
+        let all: BTreeSet<usize> = variants.iter().flatten().copied().collect();
+        let telling: Vec<usize> =
+            all.into_iter().filter(|i| !variants.iter().all(|v| v.contains(i))).collect();
         let mut stage_chains = Vec::new();
         let mut names = Vec::new();
         for (k, (content, vs)) in contents.into_iter().enumerate() {
             let name = if single { base.clone() } else { ident(&format!("{base}/l{k}")) };
+            let chain_comment = if single {
+                hint.clone()
+            } else {
+                let holding: Vec<&str> = telling
+                    .iter()
+                    .filter(|i| vs[0].contains(i))
+                    .map(|&i| stage.rules[i].rule.name.as_str())
+                    .collect();
+                if holding.is_empty() {
+                    let names: Vec<&str> =
+                        telling.iter().map(|&i| stage.rules[i].rule.name.as_str()).collect();
+                    format!("{hint}, pods outside the local side of: {}", names.join(", "))
+                } else {
+                    format!("{hint}, pods on the local side of: {}", holding.join(", "))
+                }
+            };
             let mut rules = Vec::new();
             for fam in Family::BOTH {
                 let map = format!("{name}.{}", fam.suffix());
@@ -723,7 +748,7 @@ impl Compiler<'_, '_> {
                     Action::Vmap { key: vec![Field::Addr(fam, peer_side(d))], map: MapRef::Named(map) },
                 ));
             }
-            stage_chains.push(Chain { name: name.clone(), hook: None, comment: Some(comment(&hint)), rules });
+            stage_chains.push(Chain { name: name.clone(), hook: None, comment: Some(comment(&chain_comment)), rules });
             names.extend(vs.into_iter().map(|v| (v, name.clone())));
         }
         (stage_chains, class_chains, names)
