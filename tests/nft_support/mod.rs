@@ -3,4 +3,5 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod examples;
+pub mod netns;
 pub mod vm;
