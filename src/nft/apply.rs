@@ -194,3 +194,45 @@ pub fn read_counters(nft: &dyn Nft, rs: &Ruleset) -> Result<Vec<RuleCounter>, Nf
         None => Ok(vec![]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Access, Direction, ObjectRef};
+    use crate::nft::ruleset::Ruleset;
+
+    #[test]
+    fn counters_are_read_per_rule_chain() {
+        let rref = RuleRef {
+            nsg: ObjectRef::new("shop", "shop-subnet"),
+            direction: Direction::Inbound,
+            rule: "Deny-Database-All".into(),
+            priority: 120,
+            access: Access::Deny,
+        };
+        let rs = Ruleset {
+            table: "kube-nsg".into(),
+            sets: vec![],
+            chains: vec![],
+            rule_chains: [("in/shop/shop-subnet/120".to_string(), rref.clone())].into(),
+        };
+        // As `nft -j list table` prints it (abridged).
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "forward", "handle": 4,
+              "expr": [{"counter": {"packets": 99, "bytes": 1}}, {"accept": null}]}},
+            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "in/shop/shop-subnet/120", "handle": 9,
+              "comment": "shop/shop-subnet Deny-Database-All (inbound 120): deny",
+              "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}}]}"#;
+        let counters = parse_counters(json, &rs).unwrap();
+        assert_eq!(counters, vec![RuleCounter { rule: rref, packets: 3, bytes: 180 }]);
+    }
+
+    #[test]
+    fn the_fake_records_and_rejects() {
+        let fake = FakeNft::default();
+        fake.apply("add element inet t s { 1.2.3.4 }").unwrap();
+        *fake.reject_containing.lock().unwrap() = Some("delete".into());
+        assert!(matches!(delete_table(&fake, "t"), Err(NftError::Rejected { .. })));
+        assert_eq!(fake.scripts().len(), 1);
+    }
+}

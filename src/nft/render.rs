@@ -282,3 +282,27 @@ fn key_part((a, b): Span, t: KeyType) -> String {
         KeyType::Proto | KeyType::Port => format!("{a}-{b}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_parts_print_as_nft_lists_them() {
+        let v4 = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()) as u128;
+        assert_eq!(key_part((v4("10.0.0.1"), v4("10.0.0.1")), KeyType::Ipv4), "10.0.0.1");
+        assert_eq!(key_part((v4("10.0.0.0"), v4("10.0.255.255")), KeyType::Ipv4), "10.0.0.0/16");
+        assert_eq!(key_part((v4("10.0.0.5"), v4("10.0.0.9")), KeyType::Ipv4), "10.0.0.5-10.0.0.9");
+        assert_eq!(key_part((0, u32::MAX as u128), KeyType::Ipv4), "0.0.0.0/0");
+        assert_eq!(key_part((0, u128::MAX), KeyType::Ipv6), "::/0");
+        assert_eq!(key_part((6, 6), KeyType::Proto), "tcp");
+        assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
+        assert_eq!(key_part((80, 80), KeyType::Port), "80");
+        assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
+    }
+
+    #[test]
+    fn delete_is_idempotent_text() {
+        assert_eq!(render_delete("kube-nsg"), "table inet kube-nsg\ndelete table inet kube-nsg\n");
+    }
+}
