@@ -158,13 +158,17 @@ enum Alt {
 }
 
 /// Decision of one peer class: first-match rule (index into the stage's rules) per protocol,
-/// ports and source ports.
+/// ports and source ports. A complete one decides every packet; a partial one decides only
+/// where the class's own (specific) rules win and leaves the rest to `fallback`, the complete
+/// decision of the broad rules (tags, any) that many classes share: so a broad rule's ports
+/// are written once per context, not once per class.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct ClassFn {
     tcp: Vec<PortBox>,
     udp: Vec<PortBox>,
-    icmp: usize,
-    other: usize,
+    icmp: Option<usize>,
+    other: Option<usize>,
+    fallback: Option<Box<ClassFn>>,
 }
 
 /// Disjoint boxes of (destination ports, source ports) that cover every pair.
@@ -179,8 +183,12 @@ impl ClassFn {
     /// The rule deciding every packet of the class, if one does.
     fn total(&self) -> Option<usize> {
         let single = |b: &[PortBox]| (b.len() == 1).then(|| b[0].rule);
-        match (single(&self.tcp), single(&self.udp)) {
-            (Some(t), Some(u)) if t == u && t == self.icmp && t == self.other => Some(t),
+        match (single(&self.tcp), single(&self.udp), self.fallback.is_none()) {
+            (Some(t), Some(u), true)
+                if t == u && Some(t) == self.icmp && Some(t) == self.other =>
+            {
+                Some(t)
+            }
             _ => None,
         }
     }
@@ -656,12 +664,18 @@ impl Compiler<'_, '_> {
                 let mut out: Vec<(Span, usize)> = Vec::new();
                 for (span, class) in peer_atoms(&stage.rules, v, fam) {
                     let id = *memo.entry(class.clone()).or_insert_with(|| {
-                        let f = class_fn(&stage.rules, &class);
-                        let next = fns.len();
-                        *fn_ids.entry(f.clone()).or_insert_with(|| {
-                            fns.push(f);
-                            next
-                        })
+                        let f = class_fn(&stage.rules, &class, d);
+                        let mut intern = |f: ClassFn| {
+                            let next = fns.len();
+                            *fn_ids.entry(f.clone()).or_insert_with(|| {
+                                fns.push(f);
+                                next
+                            })
+                        };
+                        if let Some(fb) = &f.fallback {
+                            intern((**fb).clone());
+                        }
+                        intern(f)
                     });
                     match out.last_mut() {
                         Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => prev.1 = span.1,
@@ -681,11 +695,13 @@ impl Compiler<'_, '_> {
             .iter()
             .map(|f| f.total().map(|r| stage.rules[r].chain.clone()).unwrap_or_default())
             .collect();
-        let mut class_chains = Vec::new();
         for (k, &i) in order.iter().enumerate() {
-            let name = ident(&format!("{}/c{k}", stage.base));
-            class_chains.push(class_chain(&name, &fns[i], &stage.rules));
-            target[i] = name;
+            target[i] = ident(&format!("{}/c{k}", stage.base));
+        }
+        let mut class_chains = Vec::new();
+        for &i in &order {
+            let fallback = fns[i].fallback.as_ref().map(|fb| target[fn_ids[&**fb]].as_str());
+            class_chains.push(class_chain(&target[i], &fns[i], &stage.rules, fallback));
         }
 
         // Stage chains: variants whose classification came out the same share one.
@@ -851,7 +867,7 @@ fn peer_atoms(rules: &[StageRule], variant: &[usize], fam: Family) -> Vec<(Span,
 }
 
 /// The first-match decision of a class (rules in priority order, ending with a total one).
-fn class_fn(rules: &[StageRule], class: &[usize]) -> ClassFn {
+fn complete_fn(rules: &[StageRule], class: &[usize]) -> ClassFn {
     let first = |pred: &dyn Fn(&SecurityRule) -> bool| {
         *class
             .iter()
@@ -861,8 +877,40 @@ fn class_fn(rules: &[StageRule], class: &[usize]) -> ClassFn {
     ClassFn {
         tcp: port_boxes(rules, class, Protocol::Tcp),
         udp: port_boxes(rules, class, Protocol::Udp),
-        icmp: first(&|r| r.protocol.covers(Protocol::Icmp) && !r.restricts_ports()),
-        other: first(&|r| r.protocol == Protocol::Any && !r.restricts_ports()),
+        icmp: Some(first(&|r| r.protocol.covers(Protocol::Icmp) && !r.restricts_ports())),
+        other: Some(first(&|r| r.protocol == Protocol::Any && !r.restricts_ports())),
+        fallback: None,
+    }
+}
+
+/// A rule whose peer side is only `*` and service tags: it holds for whole contexts (the
+/// cluster, the Internet, the nodes) rather than for a few addresses.
+fn is_broad(sr: &StageRule, d: Direction) -> bool {
+    match sides(&sr.rule, d).1 {
+        Endpoint::Prefixes(ps) => ps.iter().all(|p| !matches!(p, AddressPrefix::Net(_))),
+        Endpoint::Asgs(_) => false,
+    }
+}
+
+/// The decision of a class, split into what its specific rules decide and the shared
+/// decision of its broad rules (see `ClassFn`).
+fn class_fn(rules: &[StageRule], class: &[usize], d: Direction) -> ClassFn {
+    let full = complete_fn(rules, class);
+    let specific: BTreeSet<usize> = class.iter().copied().filter(|&i| !is_broad(&rules[i], d)).collect();
+    let other = full.other.expect("complete");
+    if specific.is_empty() || specific.contains(&other) {
+        return full;
+    }
+    let broad: Vec<usize> = class.iter().copied().filter(|i| !specific.contains(i)).collect();
+    let own = |boxes: Vec<PortBox>| -> Vec<PortBox> {
+        boxes.into_iter().filter(|b| specific.contains(&b.rule)).collect()
+    };
+    ClassFn {
+        tcp: own(full.tcp),
+        udp: own(full.udp),
+        icmp: full.icmp.filter(|i| specific.contains(i)),
+        other: None,
+        fallback: Some(Box::new(complete_fn(rules, &broad))),
     }
 }
 
@@ -944,12 +992,15 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         .collect()
 }
 
-/// A peer class's chain: TCP/UDP through one port map, ICMP and other protocols after.
-fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule]) -> Chain {
+/// A peer class's chain: TCP/UDP through one port map, ICMP and other protocols after; a
+/// partial class then goes on to its fallback's chain.
+fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&str>) -> Chain {
     let goto = |r: usize| Verdict::Goto(rules[r].chain.clone());
     let tcp_udp = Match::L4Proto(vec![proto::TCP, proto::UDP]);
     let mut out = Vec::new();
-    if f.tcp == f.udp && f.tcp.len() == 1 {
+    if f.tcp.is_empty() && f.udp.is_empty() {
+        // Nothing decided here for TCP or UDP.
+    } else if f.fallback.is_none() && f.tcp == f.udp && f.tcp.len() == 1 {
         out.push(Rule::verdict(vec![tcp_udp], goto(f.tcp[0].rule)));
     } else {
         let sport = f.uses_sport();
@@ -977,12 +1028,21 @@ fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule]) -> Chain {
         elements.sort();
         out.push(Rule::new(vec![tcp_udp], Action::Vmap { key, map: MapRef::Inline(elements) }));
     }
-    if f.icmp != f.other {
-        out.push(Rule::verdict(
-            vec![Match::L4Proto(vec![proto::ICMP, proto::ICMPV6])],
-            goto(f.icmp),
-        ));
+    let icmp = Match::L4Proto(vec![proto::ICMP, proto::ICMPV6]);
+    match (f.icmp, f.other, fallback) {
+        (Some(i), Some(o), None) => {
+            if i != o {
+                out.push(Rule::verdict(vec![icmp], goto(i)));
+            }
+            out.push(Rule::verdict(vec![], goto(o)));
+        }
+        (i, None, Some(next)) => {
+            if let Some(i) = i {
+                out.push(Rule::verdict(vec![icmp], goto(i)));
+            }
+            out.push(Rule::verdict(vec![], Verdict::Goto(next.to_string())));
+        }
+        _ => unreachable!("a class is complete or has a fallback"),
     }
-    out.push(Rule::verdict(vec![], goto(f.other)));
     Chain { name: name.to_string(), hook: None, comment: None, rules: out }
 }

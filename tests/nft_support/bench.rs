@@ -139,7 +139,9 @@ pub fn cluster(user_rules: bool) -> Inventory {
     for i in 0..PODS - pods.len() {
         let ip = format!("10.250.{}.{}", 64 + i / 250, 1 + i % 250);
         let node = format!("node-{}", 2 + i % 50);
-        pods.push(pod(&format!("ns{}", i % NAMESPACES), &format!("p{i}"), apps[(i / NAMESPACES) % 3], &[&ip], &node));
+        // Every seventh pod is in no ASG.
+        let app = if i % 7 == 0 { "batch" } else { apps[(i / NAMESPACES) % 3] };
+        pods.push(pod(&format!("ns{}", i % NAMESPACES), &format!("p{i}"), app, &[&ip], &node));
     }
     let mut asgs = Vec::new();
     for ns in (0..NAMESPACES).map(|i| format!("ns{i}")).chain(["bench".to_string()]) {
@@ -158,11 +160,15 @@ pub fn cluster(user_rules: bool) -> Inventory {
     }
 }
 
-/// The same cluster after one pod of another node joins one more ASG, named by peers'
-/// rules (a membership change seen by the node).
-pub fn after_membership_change(mut inv: Inventory) -> Inventory {
-    let p = inv.pods.iter_mut().find(|p| p.id.name == "p5003").expect("pod p5003");
-    // p5003 is in ns3 with app=db; it also becomes a member of ns3/web.
+/// The same cluster after one pod of another node, in no ASG so far, joins ns3/web, which
+/// peers' rules name (a membership change the node sees). Returns its address too.
+pub fn after_membership_change(mut inv: Inventory) -> (Inventory, String) {
+    let p = inv
+        .pods
+        .iter_mut()
+        .find(|p| p.id.namespace == "ns3" && p.labels["app"] == "batch")
+        .expect("a pod of ns3 in no ASG");
     p.annotations.insert(ASG_ANNOTATION.into(), "web".into());
-    inv
+    let ip = p.ips[0].to_string();
+    (inv, ip)
 }
