@@ -253,7 +253,7 @@ fn forwarding(table: &str) {
     let mut child = sink.spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(
-        format!("table inet sink {{ chain input {{ type filter hook input priority filter; policy accept; udp dport {FLOW_PORT} counter drop; }} }}\n").as_bytes(),
+        format!("table inet sink {{\n\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tudp dport {FLOW_PORT} counter drop\n\t}}\n}}\n").as_bytes(),
     ).unwrap();
     assert!(child.wait().unwrap().success());
 

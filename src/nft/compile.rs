@@ -57,8 +57,18 @@ pub fn compile(res: &Resolved, node: Option<&str>) -> Ruleset {
 }
 
 pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -> Ruleset {
-    Compiler { res, opts, stages: BTreeMap::new(), asg_ips: BTreeMap::new(), sets: BTreeMap::new() }
-        .run(node)
+    let mut pod_ips: BTreeMap<Family, Vec<u128>> = BTreeMap::new();
+    for (p, pod) in res.inv.pods.iter().enumerate() {
+        for &ip in pod.ips.iter().filter(|ip| res.pod_by_ip(**ip) == Some(p)) {
+            pod_ips.entry(family_of(ip)).or_default().push(addr_value(ip));
+        }
+    }
+    for v in pod_ips.values_mut() {
+        v.sort_unstable();
+        v.dedup();
+    }
+    let sets = BTreeMap::new();
+    Compiler { res, opts, stages: BTreeMap::new(), asg_ips: BTreeMap::new(), sets, pod_ips }.run(node)
 }
 
 /// Names must be nftables identifiers (letters, digits, `/ - _ .`) of at most 255 bytes.
@@ -148,6 +158,8 @@ struct StageRule {
     chain: String,
     /// The addresses on the peer's side (ASG members and tags resolved).
     peer: IpSet,
+    /// The same without ASG members: what holds for addresses that are no pod's.
+    peer_prefixes: IpSet,
 }
 
 /// One way an address can be on one side of a rule.
@@ -198,8 +210,9 @@ impl ClassFn {
     }
 }
 
-/// The classification of peer addresses one stage variant makes: intervals → class.
-type Classification = BTreeMap<Family, Vec<(Span, usize)>>;
+/// The classification of peer addresses one stage variant makes, per family: pod addresses
+/// whose class is their own (exact), then intervals for every other address.
+type Classification = BTreeMap<Family, (Vec<(u128, usize)>, Vec<(Span, usize)>)>;
 
 struct Compiler<'r, 'a> {
     res: &'r Resolved<'a>,
@@ -207,6 +220,8 @@ struct Compiler<'r, 'a> {
     stages: BTreeMap<(usize, Direction), Stage>,
     asg_ips: BTreeMap<AsgRef, IpSet>,
     sets: BTreeMap<String, Set>,
+    /// Every pod address of the cluster (peers may be on any node), sorted.
+    pod_ips: BTreeMap<Family, Vec<u128>>,
 }
 
 impl Compiler<'_, '_> {
@@ -477,7 +492,11 @@ impl Compiler<'_, '_> {
                 n += 1;
             }
             let peer = self.endpoint_set(sides(&rule, d).1);
-            rules.push(StageRule { rule, chain, peer });
+            let peer_prefixes = match sides(&rule, d).1 {
+                Endpoint::Asgs(_) => IpSet::empty(),
+                Endpoint::Prefixes(_) => peer.clone(),
+            };
+            rules.push(StageRule { rule, chain, peer, peer_prefixes });
         }
         let level_hint = format!(
             "{} {}",
@@ -657,32 +676,52 @@ impl Compiler<'_, '_> {
         let mut fns: Vec<ClassFn> = Vec::new();
         let mut fn_ids: HashMap<ClassFn, usize> = HashMap::new();
         let mut memo: HashMap<Vec<usize>, usize> = HashMap::new();
+        let mut id_of = |class: Vec<usize>| -> usize {
+            if let Some(&id) = memo.get(&class) {
+                return id;
+            }
+            let f = class_fn(&stage.rules, &class, d);
+            let mut intern = |f: ClassFn| {
+                let next = fns.len();
+                *fn_ids.entry(f.clone()).or_insert_with(|| {
+                    fns.push(f);
+                    next
+                })
+            };
+            if let Some(fb) = &f.fallback {
+                intern((**fb).clone());
+            }
+            let id = intern(f);
+            memo.insert(class, id);
+            id
+        };
+        // Pod addresses are scattered through the address space with their memberships, so
+        // they get exact (hash) entries where their class differs from the surrounding
+        // prefixes'; the interval map then holds only the structure of prefixes and tags, and
+        // pod churn never touches it.
         let mut classified: Vec<(Vec<usize>, Classification)> = Vec::new();
         for v in variants {
             let mut cls = Classification::new();
             for fam in Family::BOTH {
-                let mut out: Vec<(Span, usize)> = Vec::new();
-                for (span, class) in peer_atoms(&stage.rules, v, fam) {
-                    let id = *memo.entry(class.clone()).or_insert_with(|| {
-                        let f = class_fn(&stage.rules, &class, d);
-                        let mut intern = |f: ClassFn| {
-                            let next = fns.len();
-                            *fn_ids.entry(f.clone()).or_insert_with(|| {
-                                fns.push(f);
-                                next
-                            })
-                        };
-                        if let Some(fb) = &f.fallback {
-                            intern((**fb).clone());
-                        }
-                        intern(f)
-                    });
-                    match out.last_mut() {
+                let mut intervals: Vec<(Span, usize)> = Vec::new();
+                for (span, class) in peer_atoms(&stage.rules, v, fam, true) {
+                    let id = id_of(class);
+                    match intervals.last_mut() {
                         Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => prev.1 = span.1,
-                        _ => out.push((span, id)),
+                        _ => intervals.push((span, id)),
                     }
                 }
-                cls.insert(fam, out);
+                let full = peer_atoms(&stage.rules, v, fam, false);
+                let at = |items: &[(Span, usize)], x: u128| items[items.partition_point(|(s, _)| s.1 < x)].1;
+                let mut pods = Vec::new();
+                for &x in self.pod_ips.get(&fam).into_iter().flatten() {
+                    let class = full[full.partition_point(|(s, _)| s.1 < x)].1.clone();
+                    let id = id_of(class);
+                    if id != at(&intervals, x) {
+                        pods.push((x, id));
+                    }
+                }
+                cls.insert(fam, (pods, intervals));
             }
             classified.push((v.clone(), cls));
         }
@@ -705,12 +744,15 @@ impl Compiler<'_, '_> {
         }
 
         // Stage chains: variants whose classification came out the same share one.
-        let mut contents: BTreeMap<Vec<(Family, Span, String)>, Vec<Vec<usize>>> = BTreeMap::new();
+        // (family, exact pod entry, interval, target)
+        type Content = Vec<(Family, bool, Span, String)>;
+        let mut contents: BTreeMap<Content, Vec<Vec<usize>>> = BTreeMap::new();
         for (v, cls) in classified {
-            let content = cls
-                .iter()
-                .flat_map(|(fam, items)| items.iter().map(|(s, id)| (*fam, *s, target[*id].clone())))
-                .collect();
+            let mut content = Content::new();
+            for (fam, (pods, intervals)) in &cls {
+                content.extend(pods.iter().map(|(x, id)| (*fam, true, (*x, *x), target[*id].clone())));
+                content.extend(intervals.iter().map(|(s, id)| (*fam, false, *s, target[*id].clone())));
+            }
             contents.entry(content).or_default().push(v);
         }
         let single = contents.len() == 1;
@@ -742,27 +784,34 @@ impl Compiler<'_, '_> {
             };
             let mut rules = Vec::new();
             for fam in Family::BOTH {
-                let map = format!("{name}.{}", fam.suffix());
-                let elements = content
-                    .iter()
-                    .filter(|(f, ..)| *f == fam)
-                    .map(|(_, s, t)| Element { key: vec![*s], verdict: Some(Verdict::Goto(t.clone())) })
-                    .collect();
-                self.sets.insert(
-                    map.clone(),
-                    Set {
-                        name: map.clone(),
-                        key: vec![Field::Addr(fam, Side::Src).key_type()],
-                        is_map: true,
-                        interval: true,
-                        comment: Some(comment(&format!("{hint}: {} peer classes", fam.suffix()))),
-                        elements,
-                    },
-                );
-                rules.push(Rule::new(
-                    vec![],
-                    Action::Vmap { key: vec![Field::Addr(fam, peer_side(d))], map: MapRef::Named(map) },
-                ));
+                for exact in [true, false] {
+                    let map = if exact {
+                        format!("{name}/pods.{}", fam.suffix())
+                    } else {
+                        format!("{name}.{}", fam.suffix())
+                    };
+                    let elements = content
+                        .iter()
+                        .filter(|(f, e, ..)| *f == fam && *e == exact)
+                        .map(|(_, _, s, t)| Element { key: vec![*s], verdict: Some(Verdict::Goto(t.clone())) })
+                        .collect();
+                    let what = if exact { "peer pods with classes of their own" } else { "peer classes" };
+                    self.sets.insert(
+                        map.clone(),
+                        Set {
+                            name: map.clone(),
+                            key: vec![Field::Addr(fam, Side::Src).key_type()],
+                            is_map: true,
+                            interval: !exact,
+                            comment: Some(comment(&format!("{hint}: {} {what}", fam.suffix()))),
+                            elements,
+                        },
+                    );
+                    rules.push(Rule::new(
+                        vec![],
+                        Action::Vmap { key: vec![Field::Addr(fam, peer_side(d))], map: MapRef::Named(map) },
+                    ));
+                }
             }
             stage_chains.push(Chain { name: name.clone(), hook: None, comment: Some(comment(&chain_comment)), rules });
             names.extend(vs.into_iter().map(|v| (v, name.clone())));
@@ -819,10 +868,11 @@ fn linear_protocol(rule: &SecurityRule, fam: Family) -> Option<Vec<Match>> {
 
 /// Splits the peer address space of `fam` into intervals over which the same rules of
 /// `variant` hold, each with those rules in order up to the first that matches every packet.
-fn peer_atoms(rules: &[StageRule], variant: &[usize], fam: Family) -> Vec<(Span, Vec<usize>)> {
+fn peer_atoms(rules: &[StageRule], variant: &[usize], fam: Family, prefixes_only: bool) -> Vec<(Span, Vec<usize>)> {
     let mut events: Vec<(u128, bool, usize)> = Vec::new(); // (position, starts, rule)
     for &i in variant {
-        for &(a, b) in family_set(&rules[i].peer, fam).ranges() {
+        let peer = if prefixes_only { &rules[i].peer_prefixes } else { &rules[i].peer };
+        for &(a, b) in family_set(peer, fam).ranges() {
             events.push((a, true, i));
             if b < fam.max() {
                 events.push((b + 1, false, i));
