@@ -1053,43 +1053,30 @@ fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&s
     } else if f.fallback.is_none() && f.tcp == f.udp && f.tcp.len() == 1 {
         out.push(Rule::verdict(vec![tcp_udp], goto(f.tcp[0].rule)));
     } else {
-        // One map per protocol (both when TCP and UDP decide alike), keyed on the destination
-        // port alone where no source port matters: a single-field interval map is a tree
-        // lookup in the kernel, cheaper than a concatenation.
         let sport = f.uses_sport();
-        let mut key = vec![Field::Port(Side::Dst)];
+        let mut key = vec![Field::L4Proto, Field::Port(Side::Dst)];
         if sport {
             key.push(Field::Port(Side::Src));
         }
-        let protos: Vec<(Vec<u8>, &[PortBox])> = if f.tcp == f.udp {
-            vec![(vec![proto::TCP, proto::UDP], &f.tcp)]
+        // The map is reached by TCP and UDP only, so when both decide alike one element
+        // covers both with the protocol interval tcp..udp.
+        let protos: Vec<(Span, &[PortBox])> = if f.tcp == f.udp {
+            vec![((proto::TCP as u128, proto::UDP as u128), &f.tcp)]
         } else {
-            vec![(vec![proto::TCP], &f.tcp), (vec![proto::UDP], &f.udp)]
+            vec![((proto::TCP as u128, proto::TCP as u128), &f.tcp), ((proto::UDP as u128, proto::UDP as u128), &f.udp)]
         };
+        let mut elements = Vec::new();
         for (p, boxes) in protos {
-            if boxes.is_empty() {
-                continue;
+            for b in boxes {
+                let mut k = vec![p, (b.dport.0 as u128, b.dport.1 as u128)];
+                if sport {
+                    k.push((b.sport.0 as u128, b.sport.1 as u128));
+                }
+                elements.push(Element { key: k, verdict: Some(goto(b.rule)) });
             }
-            if let [b] = boxes
-                && b.dport == (0, 65535)
-                && b.sport == (0, 65535)
-            {
-                out.push(Rule::verdict(vec![Match::L4Proto(p)], goto(b.rule)));
-                continue;
-            }
-            let mut elements: Vec<Element> = boxes
-                .iter()
-                .map(|b| {
-                    let mut k = vec![(b.dport.0 as u128, b.dport.1 as u128)];
-                    if sport {
-                        k.push((b.sport.0 as u128, b.sport.1 as u128));
-                    }
-                    Element { key: k, verdict: Some(goto(b.rule)) }
-                })
-                .collect();
-            elements.sort();
-            out.push(Rule::new(vec![Match::L4Proto(p)], Action::Vmap { key: key.clone(), map: MapRef::Inline(elements) }));
         }
+        elements.sort();
+        out.push(Rule::new(vec![tcp_udp], Action::Vmap { key, map: MapRef::Inline(elements) }));
     }
     let icmp = Match::L4Proto(vec![proto::ICMP, proto::ICMPV6]);
     match (f.icmp, f.other, fallback) {
