@@ -39,7 +39,11 @@ fn main() {
     }
     let table = format!("kube-nsg-bench-{}", std::process::id());
     let _guard = TableGuard(table.clone());
-    println!("kube-nsg nftables benchmarks ({} rules in 4 stages, {} pods)\n", 4 * bench::RULES_PER_STAGE, bench::PODS);
+    println!(
+        "kube-nsg nftables benchmarks ({} rules in 4 stages, {} pods)\n",
+        4 * bench::RULES_PER_STAGE,
+        bench::PODS
+    );
     programming(&table);
     membership_change(&table);
     forwarding(&table);
@@ -82,13 +86,21 @@ fn ms(d: f64) -> String {
 }
 
 fn opts(table: &str, layout: Layout) -> CompileOptions {
-    CompileOptions { table: table.into(), layout, ..Default::default() }
+    CompileOptions {
+        table: table.into(),
+        layout,
+        ..Default::default()
+    }
 }
 
 fn size(rs: &Ruleset) -> String {
     let elements: usize = rs.sets.iter().map(|s| s.elements.len()).sum();
     let rules: usize = rs.chains.iter().map(|c| c.rules.len()).sum();
-    format!("{} chains, {rules} nft rules, {} sets/maps, {elements} set elements", rs.chains.len(), rs.sets.len())
+    format!(
+        "{} chains, {rules} nft rules, {} sets/maps, {elements} set elements",
+        rs.chains.len(),
+        rs.sets.len()
+    )
 }
 
 fn nft_file(path: &str) {
@@ -100,7 +112,11 @@ fn nft_file(path: &str) {
 fn programming(table: &str) {
     let inv = bench::cluster(true);
     let nftc = NftCommand::default();
-    let text = nft::render_replace(&nft::compile_with(&Resolved::new(&inv), Some(NODE), &opts(table, Layout::Maps)));
+    let text = nft::render_replace(&nft::compile_with(
+        &Resolved::new(&inv),
+        Some(NODE),
+        &opts(table, Layout::Maps),
+    ));
     let path = format!("/tmp/{table}.nft");
     std::fs::write(&path, &text).unwrap();
     let (mut applier, mut plain, mut compile) = (vec![], vec![], vec![]);
@@ -125,9 +141,20 @@ fn programming(table: &str) {
     let (a, p, c) = (median(applier), median(plain), median(compile));
     println!("(b) programming 4,096 rules + 10,000 pod IPs (node with 110 pods):");
     println!("    table: {shape}");
-    println!("    applier (resolve + compile + render + nft -f -): {}  [of which compile+render {}]", ms(a), ms(c));
-    println!("    plain nft -f of the same text:                   {}", ms(p));
-    println!("    ratio applier / nft -f = {:.2}   (target <= 1.5, and under 1 s: {})\n", a / p, a < 1.0);
+    println!(
+        "    applier (resolve + compile + render + nft -f -): {}  [of which compile+render {}]",
+        ms(a),
+        ms(c)
+    );
+    println!(
+        "    plain nft -f of the same text:                   {}",
+        ms(p)
+    );
+    println!(
+        "    ratio applier / nft -f = {:.2}   (target <= 1.5, and under 1 s: {})\n",
+        a / p,
+        a < 1.0
+    );
 }
 
 /// (c) One ASG membership change, large table vs empty table.
@@ -136,13 +163,23 @@ fn membership_change(table: &str) {
     let before = bench::cluster(true);
     let (after, member) = bench::after_membership_change(before.clone());
     let t = Instant::now();
-    let old = nft::compile_with(&Resolved::new(&before), Some(NODE), &opts(table, Layout::Maps));
+    let old = nft::compile_with(
+        &Resolved::new(&before),
+        Some(NODE),
+        &opts(table, Layout::Maps),
+    );
     let t_old = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let new = nft::compile_with(&Resolved::new(&after), Some(NODE), &opts(table, Layout::Maps));
+    let new = nft::compile_with(
+        &Resolved::new(&after),
+        Some(NODE),
+        &opts(table, Layout::Maps),
+    );
     let update = nft::render_update(Some(&old), &new);
     let t_diff = t.elapsed().as_secs_f64();
-    let Update::Elements(script) = update else { panic!("the membership change is not an element update") };
+    let Update::Elements(script) = update else {
+        panic!("the membership change is not an element update")
+    };
     assert!(script.contains(&member), "{script}");
 
     // The empty table: just the ASG's set.
@@ -173,15 +210,38 @@ fn membership_change(table: &str) {
     }
     let (l, s) = (median(large), median(small));
     println!("(c) one ASG membership change (pod {member} joins ns3/web):");
-    println!("    element update ({} lines): {}", script.lines().count(), script.lines().map(|l| l.split(" {").next().unwrap()).collect::<Vec<_>>().join("; "));
+    println!(
+        "    element update ({} lines): {}",
+        script.lines().count(),
+        script
+            .lines()
+            .map(|l| l.split(" {").next().unwrap())
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     println!("    applied with the large table loaded: {}", ms(l));
-    println!("    the same member added to an empty table's set: {}", ms(s));
-    println!("    ratio large / empty = {:.2}   (target <= 1.2, and under 50 ms: {})", l / s, l < 0.05);
-    println!("    agent side, not in the ratio: compiling the node {}, compile + diff after the change {}\n", ms(t_old), ms(t_diff));
+    println!(
+        "    the same member added to an empty table's set: {}",
+        ms(s)
+    );
+    println!(
+        "    ratio large / empty = {:.2}   (target <= 1.2, and under 50 ms: {})",
+        l / s,
+        l < 0.05
+    );
+    println!(
+        "    agent side, not in the ratio: compiling the node {}, compile + diff after the change {}\n",
+        ms(t_old),
+        ms(t_diff)
+    );
 }
 
 fn sink_count(pod: &NetnsPod) -> u64 {
-    let out = pod.cmd("nft").args(["-j", "list", "chain", "inet", "sink", "input"]).output().unwrap();
+    let out = pod
+        .cmd("nft")
+        .args(["-j", "list", "chain", "inet", "sink", "input"])
+        .output()
+        .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     doc["nftables"]
         .as_array()
@@ -226,21 +286,34 @@ fn forwarding(table: &str) {
         .collect();
     assert_eq!(verdict.access, Access::Allow);
     assert_eq!(stages.len(), 4, "the flow crosses four stages: {stages:?}");
-    assert!(stages.iter().all(|(_, p)| *p >= 65000), "default rules decide the flow: {stages:?}");
+    assert!(
+        stages.iter().all(|(_, p)| *p >= 65000),
+        "default rules decide the flow: {stages:?}"
+    );
 
     let maps = nft::compile_with(&res, Some(NODE), &opts(table, Layout::Maps));
     let linear = nft::compile_with(&res, Some(NODE), &opts(table, Layout::Linear));
     let defaults_inv = bench::cluster(false);
-    let defaults = nft::compile_with(&Resolved::new(&defaults_inv), Some(NODE), &opts(table, Layout::Maps));
+    let defaults = nft::compile_with(
+        &Resolved::new(&defaults_inv),
+        Some(NODE),
+        &opts(table, Layout::Maps),
+    );
     let empty = format!(
         "table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t}}\n}}\n"
     );
     let linear_rules: usize = linear.chains.iter().map(|c| c.rules.len()).sum();
     let configs = [
         ("empty forward hook", empty),
-        ("compiled maps, default rules only", nft::render_replace(&defaults)),
+        (
+            "compiled maps, default rules only",
+            nft::render_replace(&defaults),
+        ),
         ("compiled maps, 4,096 rules", nft::render_replace(&maps)),
-        ("naive linear chain, 4,096 rules", nft::render_replace(&linear)),
+        (
+            "naive linear chain, 4,096 rules",
+            nft::render_replace(&linear),
+        ),
     ];
 
     let mut lab = Lab::new("bn");
@@ -267,11 +340,23 @@ fn forwarding(table: &str) {
         }
     }
     let med: Vec<f64> = rates.into_iter().map(median).collect();
-    println!("(a) new-flow UDP packets/s from pod A to pod B across the forward hook ({FLOWS} flows, never answered, so every packet is ct state new; median of {ROUNDS} rounds of {SECONDS} s, configurations interleaved):");
+    println!(
+        "(a) new-flow UDP packets/s from pod A to pod B across the forward hook ({FLOWS} flows, never answered, so every packet is ct state new; median of {ROUNDS} rounds of {SECONDS} s, configurations interleaved):"
+    );
     for (i, (name, _)) in configs.iter().enumerate() {
-        println!("    {name:<36} {:>10.0} pkt/s   cost per packet vs empty hook = {:.2}", med[i], med[0] / med[i]);
+        println!(
+            "    {name:<36} {:>10.0} pkt/s   cost per packet vs empty hook = {:.2}",
+            med[i],
+            med[0] / med[i]
+        );
     }
-    println!("    ratio 4,096 rules / 0 rules (compiled maps)   = {:.2}   (target <= 1.25)", med[0] / med[2]);
-    println!("    ratio 4,096 rules / 0 rules (linear, {linear_rules} nft rules) = {:.2}", med[0] / med[3]);
+    println!(
+        "    ratio 4,096 rules / 0 rules (compiled maps)   = {:.2}   (target <= 1.25)",
+        med[0] / med[2]
+    );
+    println!(
+        "    ratio 4,096 rules / 0 rules (linear, {linear_rules} nft rules) = {:.2}",
+        med[0] / med[3]
+    );
     drop(lab);
 }

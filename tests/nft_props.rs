@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use kube_nsg::eval::{Packet, evaluate};
 use kube_nsg::model::{Access, Direction, Inventory, ObjectRef};
-use kube_nsg::nft::{self, CompileOptions, CtState, HostTraffic, Hook, Layout, Ruleset, Update};
+use kube_nsg::nft::{self, CompileOptions, CtState, Hook, HostTraffic, Layout, Ruleset, Update};
 use kube_nsg::resolve::Resolved;
 use nft_support::vm::{Outcome, Pkt, Vm};
 use proptest::prelude::*;
@@ -27,16 +27,26 @@ fn spread(mut inv: Inventory, elsewhere: &[bool]) -> Inventory {
 
 /// What the evaluator says for the ends of `packet` on this node: `(allowed, deciding rules)`
 /// for the source's outbound stages (`out`) and then the destination's inbound (`inb`).
-fn expected(res: &Resolved, packet: &Packet, out: bool, inb: bool) -> (Access, Vec<(ObjectRef, String)>) {
+fn expected(
+    res: &Resolved,
+    packet: &Packet,
+    out: bool,
+    inb: bool,
+) -> (Access, Vec<(ObjectRef, String)>) {
     let local = |ip: IpAddr| {
         res.pod_by_ip(ip).filter(|&p| {
             res.inv.pods[p].node_name.as_deref() == Some(NODE) && !res.node_ips.contains(ip)
         })
     };
     let mut rules = Vec::new();
-    let ends = [(out, packet.src, Direction::Outbound), (inb, packet.dst, Direction::Inbound)];
+    let ends = [
+        (out, packet.src, Direction::Outbound),
+        (inb, packet.dst, Direction::Inbound),
+    ];
     for (wanted, ip, d) in ends {
-        let Some(p) = local(ip).filter(|_| wanted) else { continue };
+        let Some(p) = local(ip).filter(|_| wanted) else {
+            continue;
+        };
         let v = evaluate(res, p, d, packet);
         rules.extend(v.stages.iter().map(|s| (s.nsg.clone(), s.rule.clone())));
         if v.access == Access::Deny {
@@ -46,29 +56,51 @@ fn expected(res: &Resolved, packet: &Packet, out: bool, inb: bool) -> (Access, V
     (Access::Allow, rules)
 }
 
-fn check(rs: &Ruleset, res: &Resolved, packet: &Packet, hooks: &[(Hook, bool, bool)]) -> Result<(), TestCaseError> {
+fn check(
+    rs: &Ruleset,
+    res: &Resolved,
+    packet: &Packet,
+    hooks: &[(Hook, bool, bool)],
+) -> Result<(), TestCaseError> {
     let vm = Vm::new(rs).map_err(TestCaseError::fail)?;
     for &(hook, out, inb) in hooks {
-        let trace = vm.run(hook, &Pkt::new_flow(packet)).map_err(TestCaseError::fail)?;
+        let trace = vm
+            .run(hook, &Pkt::new_flow(packet))
+            .map_err(TestCaseError::fail)?;
         let (access, rules) = expected(res, packet, out, inb);
-        let got = if trace.outcome == Outcome::Accept { Access::Allow } else { Access::Deny };
+        let got = if trace.outcome == Outcome::Accept {
+            Access::Allow
+        } else {
+            Access::Deny
+        };
         prop_assert_eq!(got, access, "{:?} at {:?}", packet, hook);
         let named: Vec<(ObjectRef, String)> = trace
             .counted
             .iter()
-            .map(|c| (rs.rule_chains[c].nsg.clone(), rs.rule_chains[c].rule.clone()))
+            .map(|c| {
+                (
+                    rs.rule_chains[c].nsg.clone(),
+                    rs.rule_chains[c].rule.clone(),
+                )
+            })
             .collect();
         prop_assert_eq!(named, rules, "{:?} at {:?}", packet, hook);
         // Packets of an established flow pass whatever the rules say.
         let mut est = Pkt::new_flow(packet);
         est.ct = CtState::Established;
-        prop_assert_eq!(vm.run(hook, &est).map_err(TestCaseError::fail)?.outcome, Outcome::Accept);
+        prop_assert_eq!(
+            vm.run(hook, &est).map_err(TestCaseError::fail)?.outcome,
+            Outcome::Accept
+        );
     }
     Ok(())
 }
 
-const ALL_HOOKS: [(Hook, bool, bool); 3] =
-    [(Hook::Forward, true, true), (Hook::Input, true, false), (Hook::Output, false, true)];
+const ALL_HOOKS: [(Hook, bool, bool); 3] = [
+    (Hook::Forward, true, true),
+    (Hook::Input, true, false),
+    (Hook::Output, false, true),
+];
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
@@ -157,7 +189,10 @@ fn apply_elements(old: &Ruleset, script: &str) -> Ruleset {
         let set = rs.sets.iter_mut().find(|s| s.name == name).unwrap();
         match op {
             "delete" => set.elements.retain(|e| {
-                let key_only = nft::Element { key: e.key.clone(), verdict: None };
+                let key_only = nft::Element {
+                    key: e.key.clone(),
+                    verdict: None,
+                };
                 !items.contains(&element_text(&key_only, set_key(&old.sets, name)).as_str())
             }),
             "add" => {
@@ -185,7 +220,12 @@ fn element_text(e: &nft::Element, key: &[nft::KeyType]) -> String {
         comment: None,
         elements: vec![e.clone()],
     };
-    let rs = Ruleset { table: "t".into(), sets: vec![set], chains: vec![], rule_chains: Default::default() };
+    let rs = Ruleset {
+        table: "t".into(),
+        sets: vec![set],
+        chains: vec![],
+        rule_chains: Default::default(),
+    };
     let text = nft::render(&rs);
     let line = text.lines().find(|l| l.starts_with("\t\t\t")).unwrap();
     line.trim().to_string()
@@ -202,8 +242,15 @@ fn parse_element(text: &str, key: &[nft::KeyType]) -> nft::Element {
         None => (text, None),
     };
     let parts: Vec<&str> = k.split(" . ").collect();
-    let key_spans = parts.iter().zip(key).map(|(p, t)| parse_span(p, *t)).collect();
-    let e = nft::Element { key: key_spans, verdict };
+    let key_spans = parts
+        .iter()
+        .zip(key)
+        .map(|(p, t)| parse_span(p, *t))
+        .collect();
+    let e = nft::Element {
+        key: key_spans,
+        verdict,
+    };
     assert_eq!(element_text(&e, key), text, "round trip of {text}");
     e
 }
@@ -227,7 +274,11 @@ fn parse_span(p: &str, t: nft::KeyType) -> (u128, u128) {
         nft::KeyType::Ipv4 | nft::KeyType::Ipv6 => {
             if let Ok(net) = p.parse::<ipnet::IpNet>() {
                 let s = kube_nsg::model::IpSet::from_net(net);
-                let r = if t == nft::KeyType::Ipv4 { s.v4.ranges()[0] } else { s.v6.ranges()[0] };
+                let r = if t == nft::KeyType::Ipv4 {
+                    s.v4.ranges()[0]
+                } else {
+                    s.v6.ranges()[0]
+                };
                 return r;
             }
             // `a-b` (IPv6 addresses hold no '-').

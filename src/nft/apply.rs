@@ -11,7 +11,10 @@ use super::ruleset::{RuleRef, Ruleset};
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("cannot run {program:?} (is the nftables package installed?): {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("nft rejected the script ({status}): {stderr}")]
     Rejected { status: String, stderr: String },
     #[error("cannot read nft's JSON output: {0}")]
@@ -36,27 +39,44 @@ pub struct NftCommand {
 
 impl Default for NftCommand {
     fn default() -> Self {
-        NftCommand { program: "nft".into(), check_only: false }
+        NftCommand {
+            program: "nft".into(),
+            check_only: false,
+        }
     }
 }
 
 impl NftCommand {
     pub fn check() -> Self {
-        NftCommand { check_only: true, ..Default::default() }
+        NftCommand {
+            check_only: true,
+            ..Default::default()
+        }
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<Output, NftError> {
-        let spawn_err = |source| NftError::Spawn { program: self.program.clone(), source };
+        let spawn_err = |source| NftError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
         let mut child = Command::new(&self.program)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
         if let Some(text) = stdin {
             // A write error (nft exited early) shows in its exit status and stderr.
-            let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
+            let _ = child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(text.as_bytes());
         }
         child.wait_with_output().map_err(spawn_err)
     }
@@ -71,9 +91,17 @@ fn rejected(out: &Output) -> NftError {
 
 impl Nft for NftCommand {
     fn apply(&self, script: &str) -> Result<(), NftError> {
-        let args: &[&str] = if self.check_only { &["-c", "-f", "-"] } else { &["-f", "-"] };
+        let args: &[&str] = if self.check_only {
+            &["-c", "-f", "-"]
+        } else {
+            &["-f", "-"]
+        };
         let out = self.run(args, Some(script))?;
-        if out.status.success() { Ok(()) } else { Err(rejected(&out)) }
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(rejected(&out))
+        }
     }
 
     fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError> {
@@ -109,7 +137,10 @@ impl Nft for FakeNft {
         if let Some(bad) = self.reject_containing.lock().unwrap().as_deref()
             && script.contains(bad)
         {
-            return Err(NftError::Rejected { status: "exit status: 1".into(), stderr: format!("fake: rejects {bad:?}") });
+            return Err(NftError::Rejected {
+                status: "exit status: 1".into(),
+                stderr: format!("fake: rejects {bad:?}"),
+            });
         }
         self.scripts.lock().unwrap().push(script.to_string());
         Ok(())
@@ -132,7 +163,11 @@ pub enum Applied {
 /// by element updates when only elements differ, else by one atomic replacement. An element
 /// update that fails (someone changed the table behind our back) falls back to replacing.
 /// On success `current` becomes `new`.
-pub fn sync(nft: &dyn Nft, current: &mut Option<Ruleset>, new: Ruleset) -> Result<Applied, NftError> {
+pub fn sync(
+    nft: &dyn Nft,
+    current: &mut Option<Ruleset>,
+    new: Ruleset,
+) -> Result<Applied, NftError> {
     let applied = match render_update(current.as_ref(), &new) {
         Update::Unchanged => Applied::Unchanged,
         Update::Elements(script) => match nft.apply(&script) {
@@ -171,8 +206,12 @@ pub fn parse_counters(json: &str, rs: &Ruleset) -> Result<Vec<RuleCounter>, NftE
     let doc: serde_json::Value = serde_json::from_str(json)?;
     let mut out = Vec::new();
     for item in doc["nftables"].as_array().into_iter().flatten() {
-        let Some(rule) = item.get("rule") else { continue };
-        let Some(rref) = rule["chain"].as_str().and_then(|c| rs.rule_chains.get(c)) else { continue };
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let Some(rref) = rule["chain"].as_str().and_then(|c| rs.rule_chains.get(c)) else {
+            continue;
+        };
         for expr in rule["expr"].as_array().into_iter().flatten() {
             if let Some(c) = expr.get("counter") {
                 out.push(RuleCounter {
@@ -224,7 +263,14 @@ mod tests {
               "comment": "shop/shop-subnet Deny-Database-All (inbound 120): deny",
               "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}}]}"#;
         let counters = parse_counters(json, &rs).unwrap();
-        assert_eq!(counters, vec![RuleCounter { rule: rref, packets: 3, bytes: 180 }]);
+        assert_eq!(
+            counters,
+            vec![RuleCounter {
+                rule: rref,
+                packets: 3,
+                bytes: 180
+            }]
+        );
     }
 
     #[test]
@@ -232,7 +278,10 @@ mod tests {
         let fake = FakeNft::default();
         fake.apply("add element inet t s { 1.2.3.4 }").unwrap();
         *fake.reject_containing.lock().unwrap() = Some("delete".into());
-        assert!(matches!(delete_table(&fake, "t"), Err(NftError::Rejected { .. })));
+        assert!(matches!(
+            delete_table(&fake, "t"),
+            Err(NftError::Rejected { .. })
+        ));
         assert_eq!(fake.scripts().len(), 1);
     }
 }

@@ -47,7 +47,11 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { table: TABLE.into(), layout: Layout::Maps, host_traffic: HostTraffic::Enforce }
+        CompileOptions {
+            table: TABLE.into(),
+            layout: Layout::Maps,
+            host_traffic: HostTraffic::Enforce,
+        }
     }
 }
 
@@ -60,7 +64,10 @@ pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -
     let mut pod_ips: BTreeMap<Family, Vec<u128>> = BTreeMap::new();
     for (p, pod) in res.inv.pods.iter().enumerate() {
         for &ip in pod.ips.iter().filter(|ip| res.pod_by_ip(**ip) == Some(p)) {
-            pod_ips.entry(family_of(ip)).or_default().push(addr_value(ip));
+            pod_ips
+                .entry(family_of(ip))
+                .or_default()
+                .push(addr_value(ip));
         }
     }
     for v in pod_ips.values_mut() {
@@ -68,14 +75,28 @@ pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -
         v.dedup();
     }
     let sets = BTreeMap::new();
-    Compiler { res, opts, stages: BTreeMap::new(), asg_ips: BTreeMap::new(), sets, pod_ips }.run(node)
+    Compiler {
+        res,
+        opts,
+        stages: BTreeMap::new(),
+        asg_ips: BTreeMap::new(),
+        sets,
+        pod_ips,
+    }
+    .run(node)
 }
 
 /// Names must be nftables identifiers (letters, digits, `/ - _ .`) of at most 255 bytes.
 fn ident(s: &str) -> String {
     let clean: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "/-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "/-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if clean.len() <= 200 {
         return clean;
@@ -95,7 +116,10 @@ fn dir_name(d: Direction) -> &'static str {
 
 /// Comments are limited to 128 bytes and must not contain quotes.
 fn comment(s: &str) -> String {
-    let mut c: String = s.chars().map(|c| if c == '"' || c.is_control() { '_' } else { c }).collect();
+    let mut c: String = s
+        .chars()
+        .map(|c| if c == '"' || c.is_control() { '_' } else { c })
+        .collect();
     while c.len() > 128 {
         c.pop();
     }
@@ -143,6 +167,13 @@ fn is_total(r: &SecurityRule) -> bool {
 fn all_ports(ranges: &[PortRange]) -> bool {
     ranges.iter().any(PortRange::is_all)
 }
+
+/// A group and the direction of its rules.
+type StageKey = (usize, Direction);
+/// Stage chains, class chains, and the stage chain of each variant.
+type MapStage = (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>);
+/// Source-port segments of one destination-port interval, each with its deciding rule.
+type Row = Vec<((u16, u16), usize)>;
 
 /// One group in one direction, as the compiler sees it.
 struct Stage {
@@ -195,10 +226,12 @@ impl ClassFn {
     /// The rule deciding every packet of the class, if one does.
     fn total(&self) -> Option<usize> {
         let single = |b: &[PortBox]| (b.len() == 1).then(|| b[0].rule);
-        match (single(&self.tcp), single(&self.udp), self.fallback.is_none()) {
-            (Some(t), Some(u), true)
-                if t == u && Some(t) == self.icmp && Some(t) == self.other =>
-            {
+        match (
+            single(&self.tcp),
+            single(&self.udp),
+            self.fallback.is_none(),
+        ) {
+            (Some(t), Some(u), true) if t == u && Some(t) == self.icmp && Some(t) == self.other => {
                 Some(t)
             }
             _ => None,
@@ -206,7 +239,10 @@ impl ClassFn {
     }
 
     fn uses_sport(&self) -> bool {
-        self.tcp.iter().chain(&self.udp).any(|b| b.sport != (0, 65535))
+        self.tcp
+            .iter()
+            .chain(&self.udp)
+            .any(|b| b.sport != (0, 65535))
     }
 }
 
@@ -245,8 +281,7 @@ impl Compiler<'_, '_> {
         // Each local address, per direction: its stages, each with the rules whose local side
         // holds the address (a rule naming an ASG as the local side applies to members only).
         type Variant = Vec<usize>;
-        let mut per_ip: BTreeMap<(Direction, IpAddr), Vec<((usize, Direction), Variant)>> =
-            BTreeMap::new();
+        let mut per_ip: BTreeMap<(Direction, IpAddr), Vec<(StageKey, Variant)>> = BTreeMap::new();
         let mut variants: BTreeMap<(usize, Direction), BTreeSet<Variant>> = BTreeMap::new();
         for d in [Direction::Inbound, Direction::Outbound] {
             for (&ip, &p) in &local {
@@ -307,7 +342,10 @@ impl Compiler<'_, '_> {
         // Pod chains: one per distinct sequence of stage chains.
         let mut sequences: BTreeMap<(Direction, Vec<String>), Vec<IpAddr>> = BTreeMap::new();
         for ((d, ip), stages) in &per_ip {
-            let seq = stages.iter().map(|(k, v)| variant_chain[&(*k, v.clone())].clone()).collect();
+            let seq = stages
+                .iter()
+                .map(|(k, v)| variant_chain[&(*k, v.clone())].clone())
+                .collect();
             sequences.entry((*d, seq)).or_default().push(*ip);
         }
         let mut pod_chains = Vec::new();
@@ -321,8 +359,14 @@ impl Compiler<'_, '_> {
                 .iter()
                 .map(|((nsg, _), _)| self.stages[&(*nsg, *d)].level_hint.clone())
                 .collect();
-            let mut rules = vec![Rule::verdict(vec![Match::CtState(vec![CtState::Invalid])], Verdict::Drop)];
-            rules.extend(seq.iter().map(|s| Rule::verdict(vec![], Verdict::Jump(s.clone()))));
+            let mut rules = vec![Rule::verdict(
+                vec![Match::CtState(vec![CtState::Invalid])],
+                Verdict::Drop,
+            )];
+            rules.extend(
+                seq.iter()
+                    .map(|s| Rule::verdict(vec![], Verdict::Jump(s.clone()))),
+            );
             pod_chains.push(Chain {
                 name: name.clone(),
                 hook: None,
@@ -338,10 +382,13 @@ impl Compiler<'_, '_> {
             });
             for ip in ips {
                 let v = addr_value(*ip);
-                dispatch.entry((*d, family_of(*ip))).or_default().push(Element {
-                    key: vec![(v, v)],
-                    verdict: Some(Verdict::Jump(name.clone())),
-                });
+                dispatch
+                    .entry((*d, family_of(*ip)))
+                    .or_default()
+                    .push(Element {
+                        key: vec![(v, v)],
+                        verdict: Some(Verdict::Jump(name.clone())),
+                    });
             }
         }
         for d in [Direction::Inbound, Direction::Outbound] {
@@ -453,7 +500,12 @@ impl Compiler<'_, '_> {
         };
         let base = |hook: Hook, comment: &str, mut rules: Vec<Rule>| {
             rules.insert(0, established.clone());
-            Chain { name: hook.name().into(), hook: Some(hook), comment: Some(comment.into()), rules }
+            Chain {
+                name: hook.name().into(),
+                hook: Some(hook),
+                comment: Some(comment.into()),
+                rules,
+            }
         };
         let mut forward = vec![];
         forward.extend(dispatch(Direction::Outbound));
@@ -468,8 +520,16 @@ impl Compiler<'_, '_> {
             input.extend(dispatch(Direction::Outbound));
             let mut output = vec![nd];
             output.extend(dispatch(Direction::Inbound));
-            chains.push(base(Hook::Input, "pod to node: the pod's outbound stages", input));
-            chains.push(base(Hook::Output, "node to pod: the pod's inbound stages", output));
+            chains.push(base(
+                Hook::Input,
+                "pod to node: the pod's outbound stages",
+                input,
+            ));
+            chains.push(base(
+                Hook::Output,
+                "node to pod: the pod's inbound stages",
+                output,
+            ));
         }
         chains
     }
@@ -481,7 +541,12 @@ impl Compiler<'_, '_> {
         }
         let (nsg, d) = key;
         let group = &self.res.inv.nsgs[nsg];
-        let base = ident(&format!("{}/{}/{}", dir_name(d), group.id.namespace, group.id.name));
+        let base = ident(&format!(
+            "{}/{}/{}",
+            dir_name(d),
+            group.id.namespace,
+            group.id.name
+        ));
         let mut used = BTreeSet::new();
         let mut rules = Vec::new();
         for rule in group.rules_for(d) {
@@ -496,7 +561,12 @@ impl Compiler<'_, '_> {
                 Endpoint::Asgs(_) => IpSet::empty(),
                 Endpoint::Prefixes(_) => peer.clone(),
             };
-            rules.push(StageRule { rule, chain, peer, peer_prefixes });
+            rules.push(StageRule {
+                rule,
+                chain,
+                peer,
+                peer_prefixes,
+            });
         }
         let level_hint = format!(
             "{} {}",
@@ -506,7 +576,14 @@ impl Compiler<'_, '_> {
             },
             group.id
         );
-        self.stages.insert(key, Stage { base, level_hint, rules });
+        self.stages.insert(
+            key,
+            Stage {
+                base,
+                level_hint,
+                rules,
+            },
+        );
     }
 
     fn asg_set(&mut self, asg: &AsgRef) -> IpSet {
@@ -516,7 +593,11 @@ impl Compiler<'_, '_> {
         let res = self.res;
         // An address is a member's when the pod it resolves to is a member (as in the evaluator).
         let ips = res.members(asg).flat_map(|p| {
-            res.inv.pods[p].ips.iter().copied().filter(move |ip| res.pod_by_ip(*ip) == Some(p))
+            res.inv.pods[p]
+                .ips
+                .iter()
+                .copied()
+                .filter(move |ip| res.pod_by_ip(*ip) == Some(p))
         });
         let set = IpSet::from_ips(ips);
         self.asg_ips.insert(asg.clone(), set.clone());
@@ -529,9 +610,9 @@ impl Compiler<'_, '_> {
                 .iter()
                 .filter_map(|p| self.res.prefix_set(p))
                 .fold(IpSet::empty(), |a, b| a.union(&b)),
-            Endpoint::Asgs(asgs) => {
-                asgs.iter().fold(IpSet::empty(), |a, asg| a.union(&self.asg_set(asg)))
-            }
+            Endpoint::Asgs(asgs) => asgs
+                .iter()
+                .fold(IpSet::empty(), |a, asg| a.union(&self.asg_set(asg))),
         }
     }
 
@@ -546,12 +627,20 @@ impl Compiler<'_, '_> {
             }
             let ranges = family_set(members, fam).ranges();
             let elements = if points {
-                ranges.iter().flat_map(|&(a, b)| (a..=b).map(|v| (v, v))).collect::<Vec<Span>>()
+                ranges
+                    .iter()
+                    .flat_map(|&(a, b)| (a..=b).map(|v| (v, v)))
+                    .collect::<Vec<Span>>()
             } else {
                 ranges.to_vec()
             };
-            let elements =
-                elements.into_iter().map(|r| Element { key: vec![r], verdict: None }).collect();
+            let elements = elements
+                .into_iter()
+                .map(|r| Element {
+                    key: vec![r],
+                    verdict: None,
+                })
+                .collect();
             self.sets.insert(
                 name.clone(),
                 Set {
@@ -578,7 +667,10 @@ impl Compiler<'_, '_> {
                     let stem = ident(&format!("asg/{}/{}", asg.namespace, asg.name));
                     let members = self.asg_set(asg);
                     self.named_set(&stem, &format!("members of ASG {asg}"), &members, true);
-                    alts.push(Alt::Set { name: format!("{stem}.{}", fam.suffix()), negate: false });
+                    alts.push(Alt::Set {
+                        name: format!("{stem}.{}", fam.suffix()),
+                        negate: false,
+                    });
                 }
             }
             Endpoint::Prefixes(prefixes) => {
@@ -588,7 +680,9 @@ impl Compiler<'_, '_> {
                         AddressPrefix::Any => return vec![Alt::Any],
                         AddressPrefix::Net(n) => literal = literal.union(&IpSet::from_net(*n)),
                         AddressPrefix::Tag(name) => {
-                            let Some(members) = self.res.prefix_set(p) else { continue };
+                            let Some(members) = self.res.prefix_set(p) else {
+                                continue;
+                            };
                             let (stem, negate) = match WellKnownTag::parse(name) {
                                 Some(WellKnownTag::Internet) => {
                                     // Internet is everything outside VirtualNetwork.
@@ -599,7 +693,10 @@ impl Compiler<'_, '_> {
                                 Some(t) => (self.tag_set(t.name(), &members), false),
                                 None => (self.tag_set(&name.to_ascii_lowercase(), &members), false),
                             };
-                            alts.push(Alt::Set { name: format!("{stem}.{}", fam.suffix()), negate });
+                            alts.push(Alt::Set {
+                                name: format!("{stem}.{}", fam.suffix()),
+                                negate,
+                            });
                         }
                     }
                 }
@@ -634,7 +731,9 @@ impl Compiler<'_, '_> {
                 Direction::Outbound => (Side::Src, Side::Dst),
             };
             for fam in Family::BOTH {
-                let Some(proto) = linear_protocol(&rule, fam) else { continue };
+                let Some(proto) = linear_protocol(&rule, fam) else {
+                    continue;
+                };
                 let locals = self.alternatives(local_ep, fam);
                 let peers = self.alternatives(peer_ep, fam);
                 for l in &locals {
@@ -660,17 +759,18 @@ impl Compiler<'_, '_> {
             }
         }
         let stage = &self.stages[&key];
-        Chain { name: stage.base.clone(), hook: None, comment: Some(comment(&stage.level_hint)), rules }
+        Chain {
+            name: stage.base.clone(),
+            hook: None,
+            comment: Some(comment(&stage.level_hint)),
+            rules,
+        }
     }
 
     /// The map layout of one group in one direction: per variant (set of rules whose local
     /// side holds the pod), a classification of peer addresses into classes, and per class a
     /// chain of port maps. Returns the stage chains, the class chains and each variant's chain.
-    fn map_stage(
-        &mut self,
-        key: (usize, Direction),
-        variants: &BTreeSet<Vec<usize>>,
-    ) -> (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>) {
+    fn map_stage(&mut self, key: (usize, Direction), variants: &BTreeSet<Vec<usize>>) -> MapStage {
         let (_, d) = key;
         let stage = &self.stages[&key];
         let mut fns: Vec<ClassFn> = Vec::new();
@@ -707,12 +807,16 @@ impl Compiler<'_, '_> {
                 for (span, class) in peer_atoms(&stage.rules, v, fam, true) {
                     let id = id_of(class);
                     match intervals.last_mut() {
-                        Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => prev.1 = span.1,
+                        Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => {
+                            prev.1 = span.1
+                        }
                         _ => intervals.push((span, id)),
                     }
                 }
                 let full = peer_atoms(&stage.rules, v, fam, false);
-                let at = |items: &[(Span, usize)], x: u128| items[items.partition_point(|(s, _)| s.1 < x)].1;
+                let at = |items: &[(Span, usize)], x: u128| {
+                    items[items.partition_point(|(s, _)| s.1 < x)].1
+                };
                 let mut pods = Vec::new();
                 for &x in self.pod_ips.get(&fam).into_iter().flatten() {
                     let class = full[full.partition_point(|(s, _)| s.1 < x)].1.clone();
@@ -728,18 +832,27 @@ impl Compiler<'_, '_> {
 
         // Class chains, named in the order of their content so names do not depend on the
         // order pods were seen in.
-        let mut order: Vec<usize> = (0..fns.len()).filter(|&i| fns[i].total().is_none()).collect();
+        let mut order: Vec<usize> = (0..fns.len())
+            .filter(|&i| fns[i].total().is_none())
+            .collect();
         order.sort_by(|&a, &b| fns[a].cmp(&fns[b]));
         let mut target: Vec<String> = fns
             .iter()
-            .map(|f| f.total().map(|r| stage.rules[r].chain.clone()).unwrap_or_default())
+            .map(|f| {
+                f.total()
+                    .map(|r| stage.rules[r].chain.clone())
+                    .unwrap_or_default()
+            })
             .collect();
         for (k, &i) in order.iter().enumerate() {
             target[i] = ident(&format!("{}/c{k}", stage.base));
         }
         let mut class_chains = Vec::new();
         for &i in &order {
-            let fallback = fns[i].fallback.as_ref().map(|fb| target[fn_ids[&**fb]].as_str());
+            let fallback = fns[i]
+                .fallback
+                .as_ref()
+                .map(|fb| target[fn_ids[&**fb]].as_str());
             class_chains.push(class_chain(&target[i], &fns[i], &stage.rules, fallback));
         }
 
@@ -750,8 +863,15 @@ impl Compiler<'_, '_> {
         for (v, cls) in classified {
             let mut content = Content::new();
             for (fam, (pods, intervals)) in &cls {
-                content.extend(pods.iter().map(|(x, id)| (*fam, true, (*x, *x), target[*id].clone())));
-                content.extend(intervals.iter().map(|(s, id)| (*fam, false, *s, target[*id].clone())));
+                content.extend(
+                    pods.iter()
+                        .map(|(x, id)| (*fam, true, (*x, *x), target[*id].clone())),
+                );
+                content.extend(
+                    intervals
+                        .iter()
+                        .map(|(s, id)| (*fam, false, *s, target[*id].clone())),
+                );
             }
             contents.entry(content).or_default().push(v);
         }
@@ -760,12 +880,18 @@ impl Compiler<'_, '_> {
         let hint = stage.level_hint.clone();
         // Rules that hold for some of the node's pods and not others tell the variants apart.
         let all: BTreeSet<usize> = variants.iter().flatten().copied().collect();
-        let telling: Vec<usize> =
-            all.into_iter().filter(|i| !variants.iter().all(|v| v.contains(i))).collect();
+        let telling: Vec<usize> = all
+            .into_iter()
+            .filter(|i| !variants.iter().all(|v| v.contains(i)))
+            .collect();
         let mut stage_chains = Vec::new();
         let mut names = Vec::new();
         for (k, (content, vs)) in contents.into_iter().enumerate() {
-            let name = if single { base.clone() } else { ident(&format!("{base}/l{k}")) };
+            let name = if single {
+                base.clone()
+            } else {
+                ident(&format!("{base}/l{k}"))
+            };
             let chain_comment = if single {
                 hint.clone()
             } else {
@@ -775,9 +901,14 @@ impl Compiler<'_, '_> {
                     .map(|&i| stage.rules[i].rule.name.as_str())
                     .collect();
                 if holding.is_empty() {
-                    let names: Vec<&str> =
-                        telling.iter().map(|&i| stage.rules[i].rule.name.as_str()).collect();
-                    format!("{hint}, pods outside the local side of: {}", names.join(", "))
+                    let names: Vec<&str> = telling
+                        .iter()
+                        .map(|&i| stage.rules[i].rule.name.as_str())
+                        .collect();
+                    format!(
+                        "{hint}, pods outside the local side of: {}",
+                        names.join(", ")
+                    )
                 } else {
                     format!("{hint}, pods on the local side of: {}", holding.join(", "))
                 }
@@ -793,9 +924,16 @@ impl Compiler<'_, '_> {
                     let elements = content
                         .iter()
                         .filter(|(f, e, ..)| *f == fam && *e == exact)
-                        .map(|(_, _, s, t)| Element { key: vec![*s], verdict: Some(Verdict::Goto(t.clone())) })
+                        .map(|(_, _, s, t)| Element {
+                            key: vec![*s],
+                            verdict: Some(Verdict::Goto(t.clone())),
+                        })
                         .collect();
-                    let what = if exact { "peer pods with classes of their own" } else { "peer classes" };
+                    let what = if exact {
+                        "peer pods with classes of their own"
+                    } else {
+                        "peer classes"
+                    };
                     self.sets.insert(
                         map.clone(),
                         Set {
@@ -809,11 +947,19 @@ impl Compiler<'_, '_> {
                     );
                     rules.push(Rule::new(
                         vec![],
-                        Action::Vmap { key: vec![Field::Addr(fam, peer_side(d))], map: MapRef::Named(map) },
+                        Action::Vmap {
+                            key: vec![Field::Addr(fam, peer_side(d))],
+                            map: MapRef::Named(map),
+                        },
                     ));
                 }
             }
-            stage_chains.push(Chain { name: name.clone(), hook: None, comment: Some(comment(&chain_comment)), rules });
+            stage_chains.push(Chain {
+                name: name.clone(),
+                hook: None,
+                comment: Some(comment(&chain_comment)),
+                rules,
+            });
             names.extend(vs.into_iter().map(|v| (v, name.clone())));
         }
         (stage_chains, class_chains, names)
@@ -868,10 +1014,19 @@ fn linear_protocol(rule: &SecurityRule, fam: Family) -> Option<Vec<Match>> {
 
 /// Splits the peer address space of `fam` into intervals over which the same rules of
 /// `variant` hold, each with those rules in order up to the first that matches every packet.
-fn peer_atoms(rules: &[StageRule], variant: &[usize], fam: Family, prefixes_only: bool) -> Vec<(Span, Vec<usize>)> {
+fn peer_atoms(
+    rules: &[StageRule],
+    variant: &[usize],
+    fam: Family,
+    prefixes_only: bool,
+) -> Vec<(Span, Vec<usize>)> {
     let mut events: Vec<(u128, bool, usize)> = Vec::new(); // (position, starts, rule)
     for &i in variant {
-        let peer = if prefixes_only { &rules[i].peer_prefixes } else { &rules[i].peer };
+        let peer = if prefixes_only {
+            &rules[i].peer_prefixes
+        } else {
+            &rules[i].peer
+        };
         for &(a, b) in family_set(peer, fam).ranges() {
             events.push((a, true, i));
             if b < fam.max() {
@@ -897,7 +1052,11 @@ fn peer_atoms(rules: &[StageRule], variant: &[usize], fam: Family, prefixes_only
             }
             e += 1;
         }
-        let end = if e < events.len() { events[e].0 - 1 } else { fam.max() };
+        let end = if e < events.len() {
+            events[e].0 - 1
+        } else {
+            fam.max()
+        };
         let mut class = Vec::new();
         for &i in active.keys() {
             class.push(i);
@@ -927,8 +1086,12 @@ fn complete_fn(rules: &[StageRule], class: &[usize]) -> ClassFn {
     ClassFn {
         tcp: port_boxes(rules, class, Protocol::Tcp),
         udp: port_boxes(rules, class, Protocol::Udp),
-        icmp: Some(first(&|r| r.protocol.covers(Protocol::Icmp) && !r.restricts_ports())),
-        other: Some(first(&|r| r.protocol == Protocol::Any && !r.restricts_ports())),
+        icmp: Some(first(&|r| {
+            r.protocol.covers(Protocol::Icmp) && !r.restricts_ports()
+        })),
+        other: Some(first(&|r| {
+            r.protocol == Protocol::Any && !r.restricts_ports()
+        })),
         fallback: None,
     }
 }
@@ -946,14 +1109,25 @@ fn is_broad(sr: &StageRule, d: Direction) -> bool {
 /// decision of its broad rules (see `ClassFn`).
 fn class_fn(rules: &[StageRule], class: &[usize], d: Direction) -> ClassFn {
     let full = complete_fn(rules, class);
-    let specific: BTreeSet<usize> = class.iter().copied().filter(|&i| !is_broad(&rules[i], d)).collect();
+    let specific: BTreeSet<usize> = class
+        .iter()
+        .copied()
+        .filter(|&i| !is_broad(&rules[i], d))
+        .collect();
     let other = full.other.expect("complete");
     if specific.is_empty() || specific.contains(&other) {
         return full;
     }
-    let broad: Vec<usize> = class.iter().copied().filter(|i| !specific.contains(i)).collect();
+    let broad: Vec<usize> = class
+        .iter()
+        .copied()
+        .filter(|i| !specific.contains(i))
+        .collect();
     let own = |boxes: Vec<PortBox>| -> Vec<PortBox> {
-        boxes.into_iter().filter(|b| specific.contains(&b.rule)).collect()
+        boxes
+            .into_iter()
+            .filter(|b| specific.contains(&b.rule))
+            .collect()
     };
     ClassFn {
         tcp: own(full.tcp),
@@ -991,7 +1165,11 @@ fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
             }
             e += 1;
         }
-        let end = if e < events.len() { events[e].0 - 1 } else { 65535 };
+        let end = if e < events.len() {
+            events[e].0 - 1
+        } else {
+            65535
+        };
         out.push(((pos as u16, end as u16), active.keys().copied().collect()));
         pos = end + 1;
     }
@@ -1005,7 +1183,7 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         .filter(|&&i| rules[i].rule.protocol.covers(p))
         .map(|&i| (i, rules[i].rule.destination_ports.as_slice()))
         .collect();
-    let mut rows: Vec<((u16, u16), Vec<((u16, u16), usize)>)> = Vec::new();
+    let mut rows: Vec<((u16, u16), Row)> = Vec::new();
     for (dspan, active) in sweep(&cands) {
         // The rules that can decide here: up to the first without a source-port restriction.
         let mut prefix = Vec::new();
@@ -1018,11 +1196,15 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         let row: Vec<((u16, u16), usize)> = if prefix.len() == 1 {
             vec![((0, 65535), prefix[0])]
         } else {
-            let items: Vec<(usize, &[PortRange])> =
-                prefix.iter().map(|&i| (i, rules[i].rule.source_ports.as_slice())).collect();
+            let items: Vec<(usize, &[PortRange])> = prefix
+                .iter()
+                .map(|&i| (i, rules[i].rule.source_ports.as_slice()))
+                .collect();
             let mut row: Vec<((u16, u16), usize)> = Vec::new();
             for (sspan, act) in sweep(&items) {
-                let r = *act.first().expect("the last rule of a class takes every source port");
+                let r = *act
+                    .first()
+                    .expect("the last rule of a class takes every source port");
                 match row.last_mut() {
                     Some((s, last)) if *last == r => s.1 = sspan.1,
                     _ => row.push((sspan, r)),
@@ -1037,7 +1219,8 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
     }
     rows.into_iter()
         .flat_map(|(dport, row)| {
-            row.into_iter().map(move |(sport, rule)| PortBox { dport, sport, rule })
+            row.into_iter()
+                .map(move |(sport, rule)| PortBox { dport, sport, rule })
         })
         .collect()
 }
@@ -1063,7 +1246,10 @@ fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&s
         let protos: Vec<(Span, &[PortBox])> = if f.tcp == f.udp {
             vec![((proto::TCP as u128, proto::UDP as u128), &f.tcp)]
         } else {
-            vec![((proto::TCP as u128, proto::TCP as u128), &f.tcp), ((proto::UDP as u128, proto::UDP as u128), &f.udp)]
+            vec![
+                ((proto::TCP as u128, proto::TCP as u128), &f.tcp),
+                ((proto::UDP as u128, proto::UDP as u128), &f.udp),
+            ]
         };
         let mut elements = Vec::new();
         for (p, boxes) in protos {
@@ -1072,11 +1258,20 @@ fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&s
                 if sport {
                     k.push((b.sport.0 as u128, b.sport.1 as u128));
                 }
-                elements.push(Element { key: k, verdict: Some(goto(b.rule)) });
+                elements.push(Element {
+                    key: k,
+                    verdict: Some(goto(b.rule)),
+                });
             }
         }
         elements.sort();
-        out.push(Rule::new(vec![tcp_udp], Action::Vmap { key, map: MapRef::Inline(elements) }));
+        out.push(Rule::new(
+            vec![tcp_udp],
+            Action::Vmap {
+                key,
+                map: MapRef::Inline(elements),
+            },
+        ));
     }
     let icmp = Match::L4Proto(vec![proto::ICMP, proto::ICMPV6]);
     match (f.icmp, f.other, fallback) {
@@ -1094,5 +1289,10 @@ fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&s
         }
         _ => unreachable!("a class is complete or has a fallback"),
     }
-    Chain { name: name.to_string(), hook: None, comment: None, rules: out }
+    Chain {
+        name: name.to_string(),
+        hook: None,
+        comment: None,
+        rules: out,
+    }
 }

@@ -33,7 +33,11 @@ pub fn render(rs: &Ruleset) -> String {
 /// One transaction that makes the table exactly `rs`, whatever was there before: adding the
 /// table first makes the delete succeed when it did not exist.
 pub fn render_replace(rs: &Ruleset) -> String {
-    format!("table inet {t}\ndelete table inet {t}\n{}", render(rs), t = rs.table)
+    format!(
+        "table inet {t}\ndelete table inet {t}\n{}",
+        render(rs),
+        t = rs.table
+    )
 }
 
 /// Removes the table; succeeds whether or not it exists (the agent's `--cleanup`).
@@ -73,16 +77,39 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
         // Deletes name keys only; a changed verdict is a delete then an add.
         let gone: Vec<String> = before
             .difference(&after)
-            .map(|e| element(&Element { key: e.key.clone(), verdict: None }, &n.key))
+            .map(|e| {
+                element(
+                    &Element {
+                        key: e.key.clone(),
+                        verdict: None,
+                    },
+                    &n.key,
+                )
+            })
             .collect();
-        let new_items: Vec<String> = after.difference(&before).map(|e| element(e, &n.key)).collect();
+        let new_items: Vec<String> = after
+            .difference(&before)
+            .map(|e| element(e, &n.key))
+            .collect();
         if !gone.is_empty() {
-            writeln!(deletes, "delete element inet {} {} {{ {} }}", new.table, n.name, gone.join(", "))
-                .unwrap();
+            writeln!(
+                deletes,
+                "delete element inet {} {} {{ {} }}",
+                new.table,
+                n.name,
+                gone.join(", ")
+            )
+            .unwrap();
         }
         if !new_items.is_empty() {
-            writeln!(adds, "add element inet {} {} {{ {} }}", new.table, n.name, new_items.join(", "))
-                .unwrap();
+            writeln!(
+                adds,
+                "add element inet {} {} {{ {} }}",
+                new.table,
+                n.name,
+                new_items.join(", ")
+            )
+            .unwrap();
         }
     }
     if deletes.is_empty() && adds.is_empty() {
@@ -119,7 +146,12 @@ fn render_set(out: &mut String, set: &Set) {
 fn render_chain(out: &mut String, chain: &Chain) {
     writeln!(out, "\tchain {} {{", chain.name).unwrap();
     if let Some(hook) = chain.hook {
-        writeln!(out, "\t\ttype filter hook {} priority filter; policy accept;", hook.name()).unwrap();
+        writeln!(
+            out,
+            "\t\ttype filter hook {} priority filter; policy accept;",
+            hook.name()
+        )
+        .unwrap();
     }
     if let Some(c) = &chain.comment {
         writeln!(out, "\t\tcomment \"{c}\"").unwrap();
@@ -172,8 +204,15 @@ fn match_text(m: &Match) -> String {
             format!("ct state {}", s.join(","))
         }
         Match::L4Proto(ps) => format!("meta l4proto {}", list(ps.iter().map(|p| proto_name(*p)))),
-        Match::Icmpv6Type(ts) => format!("icmpv6 type {}", list(ts.iter().map(|t| icmpv6_type(*t)))),
-        Match::Addr { family, side, negate, set } => {
+        Match::Icmpv6Type(ts) => {
+            format!("icmpv6 type {}", list(ts.iter().map(|t| icmpv6_type(*t))))
+        }
+        Match::Addr {
+            family,
+            side,
+            negate,
+            set,
+        } => {
             let f = field(Field::Addr(*family, *side));
             let op = if *negate { "!= " } else { "" };
             let kt = Field::Addr(*family, *side).key_type();
@@ -185,7 +224,14 @@ fn match_text(m: &Match) -> String {
         }
         Match::Port { side, ranges } => {
             let f = field(Field::Port(*side));
-            format!("{f} {}", list(ranges.iter().map(|&(a, b)| key_part((a as u128, b as u128), KeyType::Port))))
+            format!(
+                "{f} {}",
+                list(
+                    ranges
+                        .iter()
+                        .map(|&(a, b)| key_part((a as u128, b as u128), KeyType::Port))
+                )
+            )
         }
     }
 }
@@ -193,7 +239,11 @@ fn match_text(m: &Match) -> String {
 /// `x` or `{ x, y }`.
 fn list(items: impl Iterator<Item = String>) -> String {
     let items: Vec<String> = items.collect();
-    if items.len() == 1 { items[0].clone() } else { format!("{{ {} }}", items.join(", ")) }
+    if items.len() == 1 {
+        items[0].clone()
+    } else {
+        format!("{{ {} }}", items.join(", "))
+    }
 }
 
 fn verdict(v: &Verdict) -> String {
@@ -249,7 +299,12 @@ fn icmpv6_type(t: u8) -> String {
 }
 
 fn element(e: &Element, types: &[KeyType]) -> String {
-    let parts: Vec<String> = e.key.iter().zip(types).map(|(s, t)| key_part(*s, *t)).collect();
+    let parts: Vec<String> = e
+        .key
+        .iter()
+        .zip(types)
+        .map(|(s, t)| key_part(*s, *t))
+        .collect();
     match &e.verdict {
         Some(v) => format!("{} : {}", parts.join(" . "), verdict(v)),
         None => parts.join(" . "),
@@ -271,7 +326,11 @@ fn key_part((a, b): Span, t: KeyType) -> String {
             let size = b.wrapping_sub(a).wrapping_add(1); // 0 = the whole IPv6 space
             let aligned = size == 0 || (size.is_power_of_two() && a % size == 0);
             if aligned {
-                let host = if size == 0 { 128 } else { size.trailing_zeros() };
+                let host = if size == 0 {
+                    128
+                } else {
+                    size.trailing_zeros()
+                };
                 format!("{}/{}", addr(a), bits - host)
             } else {
                 format!("{}-{}", addr(a), addr(b))
@@ -290,9 +349,18 @@ mod tests {
     #[test]
     fn key_parts_print_as_nft_lists_them() {
         let v4 = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()) as u128;
-        assert_eq!(key_part((v4("10.0.0.1"), v4("10.0.0.1")), KeyType::Ipv4), "10.0.0.1");
-        assert_eq!(key_part((v4("10.0.0.0"), v4("10.0.255.255")), KeyType::Ipv4), "10.0.0.0/16");
-        assert_eq!(key_part((v4("10.0.0.5"), v4("10.0.0.9")), KeyType::Ipv4), "10.0.0.5-10.0.0.9");
+        assert_eq!(
+            key_part((v4("10.0.0.1"), v4("10.0.0.1")), KeyType::Ipv4),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            key_part((v4("10.0.0.0"), v4("10.0.255.255")), KeyType::Ipv4),
+            "10.0.0.0/16"
+        );
+        assert_eq!(
+            key_part((v4("10.0.0.5"), v4("10.0.0.9")), KeyType::Ipv4),
+            "10.0.0.5-10.0.0.9"
+        );
         assert_eq!(key_part((0, u32::MAX as u128), KeyType::Ipv4), "0.0.0.0/0");
         assert_eq!(key_part((0, u128::MAX), KeyType::Ipv6), "::/0");
         assert_eq!(key_part((6, 6), KeyType::Proto), "tcp");
@@ -303,6 +371,9 @@ mod tests {
 
     #[test]
     fn delete_is_idempotent_text() {
-        assert_eq!(render_delete("kube-nsg"), "table inet kube-nsg\ndelete table inet kube-nsg\n");
+        assert_eq!(
+            render_delete("kube-nsg"),
+            "table inet kube-nsg\ndelete table inet kube-nsg\n"
+        );
     }
 }

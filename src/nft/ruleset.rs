@@ -151,9 +151,17 @@ pub enum Match {
     /// `icmpv6 type { ... }` (implies IPv6 and ICMPv6).
     Icmpv6Type(Vec<u8>),
     /// `ip saddr @set`, `ip6 daddr != @set`, `ip saddr { ... }`; implies the family.
-    Addr { family: Family, side: Side, negate: bool, set: AddrSet },
+    Addr {
+        family: Family,
+        side: Side,
+        negate: bool,
+        set: AddrSet,
+    },
     /// `th dport { ... }`.
-    Port { side: Side, ranges: Vec<(u16, u16)> },
+    Port {
+        side: Side,
+        ranges: Vec<(u16, u16)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -167,7 +175,10 @@ pub enum MapRef {
 pub enum Action {
     Verdict(Verdict),
     /// `KEY vmap MAP`: no element matching means the rule does not match.
-    Vmap { key: Vec<Field>, map: MapRef },
+    Vmap {
+        key: Vec<Field>,
+        map: MapRef,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -180,7 +191,12 @@ pub struct Rule {
 
 impl Rule {
     pub fn new(matches: Vec<Match>, action: Action) -> Self {
-        Rule { matches, counter: false, action, comment: None }
+        Rule {
+            matches,
+            counter: false,
+            action,
+            comment: None,
+        }
     }
 
     pub fn verdict(matches: Vec<Match>, verdict: Verdict) -> Self {
@@ -252,6 +268,10 @@ impl Ruleset {
             && self.chains == other.chains
             && self.rule_chains == other.rule_chains
             && self.sets.len() == other.sets.len()
-            && self.sets.iter().zip(&other.sets).all(|(a, b)| a.same_declaration(b))
+            && self
+                .sets
+                .iter()
+                .zip(&other.sets)
+                .all(|(a, b)| a.same_declaration(b))
     }
 }

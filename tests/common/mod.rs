@@ -18,12 +18,26 @@ pub const NODE_IP: &str = "172.18.0.2";
 pub const VIRTUAL_NETWORK: [&str; 2] = ["10.244.0.0/16", "fd00:10:244::/64"];
 /// Addresses pods may have: IPv4 and IPv6, all inside `VIRTUAL_NETWORK`.
 pub const POD_IPS: [&str; 10] = [
-    "10.244.0.10", "10.244.0.11", "10.244.0.12", "10.244.0.13", "10.244.1.10", "10.244.1.11",
-    "fd00:10:244::10", "fd00:10:244::11", "fd00:10:244::12", "fd00:10:244::13",
+    "10.244.0.10",
+    "10.244.0.11",
+    "10.244.0.12",
+    "10.244.0.13",
+    "10.244.1.10",
+    "10.244.1.11",
+    "fd00:10:244::10",
+    "fd00:10:244::11",
+    "fd00:10:244::12",
+    "fd00:10:244::13",
 ];
 /// Addresses outside the pods: the node, the Internet, a service tag's range.
-pub const OTHER_IPS: [&str; 6] =
-    ["172.18.0.2", "8.8.8.8", "192.0.2.7", "198.51.100.1", "2001:db8::1", "10.96.0.10"];
+pub const OTHER_IPS: [&str; 6] = [
+    "172.18.0.2",
+    "8.8.8.8",
+    "192.0.2.7",
+    "198.51.100.1",
+    "2001:db8::1",
+    "10.96.0.10",
+];
 pub const PORTS: [u16; 7] = [22, 53, 80, 443, 1500, 8085, 33000];
 
 fn ip(s: &str) -> IpAddr {
@@ -31,15 +45,17 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
-    (select(vec!["web", "db", "api"]), prop::option::of(select(vec!["x", "y"]))).prop_map(
-        |(app, tier)| {
+    (
+        select(vec!["web", "db", "api"]),
+        prop::option::of(select(vec!["x", "y"])),
+    )
+        .prop_map(|(app, tier)| {
             let mut l = BTreeMap::from([("app".to_string(), app.to_string())]);
             if let Some(t) = tier {
                 l.insert("tier".into(), t.into());
             }
             l
-        },
-    )
+        })
 }
 
 fn selector() -> impl Strategy<Value = LabelSelector> {
@@ -49,25 +65,38 @@ fn selector() -> impl Strategy<Value = LabelSelector> {
             match_labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             match_expressions: vec![],
         }),
-        (select(vec![Operator::Exists, Operator::DoesNotExist, Operator::In, Operator::NotIn]))
-            .prop_map(|operator| LabelSelector {
-                match_labels: BTreeMap::new(),
-                match_expressions: vec![Requirement {
-                    key: "tier".into(),
-                    operator,
-                    values: match operator {
-                        Operator::In | Operator::NotIn => vec!["x".into()],
-                        _ => vec![],
-                    },
-                }],
-            }),
+        (select(vec![
+            Operator::Exists,
+            Operator::DoesNotExist,
+            Operator::In,
+            Operator::NotIn
+        ]))
+        .prop_map(|operator| LabelSelector {
+            match_labels: BTreeMap::new(),
+            match_expressions: vec![Requirement {
+                key: "tier".into(),
+                operator,
+                values: match operator {
+                    Operator::In | Operator::NotIn => vec!["x".into()],
+                    _ => vec![],
+                },
+            }],
+        }),
     ]
 }
 
 fn prefix() -> impl Strategy<Value = AddressPrefix> {
     let nets = vec![
-        "10.244.0.0/24", "10.244.0.10/31", "10.244.0.12/32", "10.244.1.0/24", "10.0.0.0/8",
-        "8.8.8.0/24", "192.0.2.0/24", "fd00:10:244::/124", "fd00:10:244::12/127", "2001:db8::/32",
+        "10.244.0.0/24",
+        "10.244.0.10/31",
+        "10.244.0.12/32",
+        "10.244.1.0/24",
+        "10.0.0.0/8",
+        "8.8.8.0/24",
+        "192.0.2.0/24",
+        "fd00:10:244::/124",
+        "fd00:10:244::12/127",
+        "2001:db8::/32",
         "172.18.0.0/16",
     ];
     prop_oneof![
@@ -91,8 +120,13 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
 
 fn ports() -> impl Strategy<Value = Vec<PortRange>> {
     let ranges = vec![
-        PortRange::ALL, PortRange::new(80, 80), PortRange::new(443, 443), PortRange::new(53, 53),
-        PortRange::new(1000, 2000), PortRange::new(8080, 8090), PortRange::new(0, 1023),
+        PortRange::ALL,
+        PortRange::new(80, 80),
+        PortRange::new(443, 443),
+        PortRange::new(53, 53),
+        PortRange::new(1000, 2000),
+        PortRange::new(8080, 8090),
+        PortRange::new(0, 1023),
     ];
     prop_oneof![
         2 => Just(vec![PortRange::ALL]),
@@ -104,28 +138,35 @@ pub fn rule() -> impl Strategy<Value = SecurityRule> {
     (
         select(vec![Direction::Inbound, Direction::Outbound]),
         select(vec![Access::Allow, Access::Deny]),
-        select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Any]),
+        select(vec![
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::Icmp,
+            Protocol::Any,
+        ]),
         endpoint(),
         prop_oneof![4 => Just(vec![PortRange::ALL]), 1 => ports()],
         endpoint(),
         ports(),
     )
-        .prop_map(|(direction, access, protocol, source, sp, destination, dp)| {
-            let icmp = protocol == Protocol::Icmp;
-            SecurityRule {
-                name: String::new(),
-                description: None,
-                priority: 0,
-                direction,
-                access,
-                protocol,
-                source,
-                source_ports: if icmp { vec![PortRange::ALL] } else { sp },
-                destination,
-                destination_ports: if icmp { vec![PortRange::ALL] } else { dp },
-                is_default: false,
-            }
-        })
+        .prop_map(
+            |(direction, access, protocol, source, sp, destination, dp)| {
+                let icmp = protocol == Protocol::Icmp;
+                SecurityRule {
+                    name: String::new(),
+                    description: None,
+                    priority: 0,
+                    direction,
+                    access,
+                    protocol,
+                    source,
+                    source_ports: if icmp { vec![PortRange::ALL] } else { sp },
+                    destination,
+                    destination_ports: if icmp { vec![PortRange::ALL] } else { dp },
+                    is_default: false,
+                }
+            },
+        )
 }
 
 /// Gives rules distinct names and distinct priorities (in list order), as validation requires.
@@ -192,25 +233,43 @@ fn pods() -> impl Strategy<Value = Vec<Pod>> {
 }
 
 fn asgs() -> impl Strategy<Value = Vec<Asg>> {
-    prop::collection::vec((select(NAMESPACES.to_vec()), select(ASG_NAMES.to_vec()), prop::option::of(selector())), 0..5)
-        .prop_map(|v| {
-            let mut seen = std::collections::BTreeSet::new();
-            v.into_iter()
-                .filter(|(ns, n, _)| seen.insert((*ns, *n)))
-                .map(|(ns, n, pod_selector)| Asg { id: ObjectRef::new(ns, n), pod_selector })
-                .collect()
-        })
+    prop::collection::vec(
+        (
+            select(NAMESPACES.to_vec()),
+            select(ASG_NAMES.to_vec()),
+            prop::option::of(selector()),
+        ),
+        0..5,
+    )
+    .prop_map(|v| {
+        let mut seen = std::collections::BTreeSet::new();
+        v.into_iter()
+            .filter(|(ns, n, _)| seen.insert((*ns, *n)))
+            .map(|(ns, n, pod_selector)| Asg {
+                id: ObjectRef::new(ns, n),
+                pod_selector,
+            })
+            .collect()
+    })
 }
 
 pub fn inventory() -> impl Strategy<Value = Inventory> {
-    (pods(), asgs(), (0usize..5).prop_flat_map(|n| (0..n).map(nsg).collect::<Vec<_>>()), any::<bool>())
+    (
+        pods(),
+        asgs(),
+        (0usize..5).prop_flat_map(|n| (0..n).map(nsg).collect::<Vec<_>>()),
+        any::<bool>(),
+    )
         .prop_map(|(pods, asgs, nsgs, with_tag)| Inventory {
             nsgs,
             asgs,
             service_tags: if with_tag {
                 vec![ServiceTag {
                     name: "corp".into(),
-                    prefixes: vec!["192.0.2.0/25".parse().unwrap(), "2001:db8::/48".parse().unwrap()],
+                    prefixes: vec![
+                        "192.0.2.0/25".parse().unwrap(),
+                        "2001:db8::/48".parse().unwrap(),
+                    ],
                 }]
             } else {
                 vec![]
@@ -220,10 +279,16 @@ pub fn inventory() -> impl Strategy<Value = Inventory> {
                 .iter()
                 .map(|n| Namespace {
                     name: n.to_string(),
-                    labels: BTreeMap::from([("kubernetes.io/metadata.name".to_string(), n.to_string())]),
+                    labels: BTreeMap::from([(
+                        "kubernetes.io/metadata.name".to_string(),
+                        n.to_string(),
+                    )]),
                 })
                 .collect(),
-            virtual_network: VIRTUAL_NETWORK.iter().map(|n| n.parse::<IpNet>().unwrap()).collect(),
+            virtual_network: VIRTUAL_NETWORK
+                .iter()
+                .map(|n| n.parse::<IpNet>().unwrap())
+                .collect(),
             node_ips: vec![ip(NODE_IP)],
         })
 }
@@ -251,7 +316,15 @@ pub fn packet() -> impl Strategy<Value = Packet> {
 }
 
 fn busy_endpoint() -> impl Strategy<Value = Endpoint> {
-    let nets = vec!["10.244.0.0/24", "10.244.0.10/31", "10.244.1.0/24", "fd00:10:244::/124", "fd00:10:244::12/127", "8.8.8.0/24", "2001:db8::/32"];
+    let nets = vec![
+        "10.244.0.0/24",
+        "10.244.0.10/31",
+        "10.244.1.0/24",
+        "fd00:10:244::/124",
+        "fd00:10:244::12/127",
+        "8.8.8.0/24",
+        "2001:db8::/32",
+    ];
     prop_oneof![
         2 => Just(Endpoint::any()),
         2 => select(vec!["VirtualNetwork", "Internet", "AzureLoadBalancer", "corp"])
@@ -304,13 +377,22 @@ fn busy_nsg(index: usize) -> impl Strategy<Value = Nsg> {
 /// broad rules, so that user rules (not only the defaults) decide many flows.
 pub fn busy_inventory() -> impl Strategy<Value = Inventory> {
     let all_asgs = prop::collection::vec(prop::option::of(selector()), 9).prop_map(|sels| {
-        let names = NAMESPACES.iter().flat_map(|ns| ASG_NAMES.iter().map(move |n| (*ns, *n)));
+        let names = NAMESPACES
+            .iter()
+            .flat_map(|ns| ASG_NAMES.iter().map(move |n| (*ns, *n)));
         names
             .zip(sels)
-            .map(|((ns, n), pod_selector)| Asg { id: ObjectRef::new(ns, n), pod_selector })
+            .map(|((ns, n), pod_selector)| Asg {
+                id: ObjectRef::new(ns, n),
+                pod_selector,
+            })
             .collect::<Vec<_>>()
     });
-    (inventory(), all_asgs, (2usize..6).prop_flat_map(|n| (0..n).map(busy_nsg).collect::<Vec<_>>()))
+    (
+        inventory(),
+        all_asgs,
+        (2usize..6).prop_flat_map(|n| (0..n).map(busy_nsg).collect::<Vec<_>>()),
+    )
         .prop_map(|(mut inv, asgs, nsgs)| {
             inv.asgs = asgs;
             inv.nsgs = nsgs;
@@ -336,10 +418,27 @@ pub fn busy_case() -> impl Strategy<Value = (Inventory, Packet)> {
             .prop_map(|(inv, src, mut dst, protocol, src_port, dst_port)| {
                 // Two distinct ends of one family, without rejecting cases.
                 if src.is_ipv4() != dst.is_ipv4() || src == dst {
-                    let other = if src.is_ipv4() { ["8.8.8.8", "192.0.2.7"] } else { ["2001:db8::1", "fd00:10:244::13"] };
-                    dst = ip(if ip(other[0]) == src { other[1] } else { other[0] });
+                    let other = if src.is_ipv4() {
+                        ["8.8.8.8", "192.0.2.7"]
+                    } else {
+                        ["2001:db8::1", "fd00:10:244::13"]
+                    };
+                    dst = ip(if ip(other[0]) == src {
+                        other[1]
+                    } else {
+                        other[0]
+                    });
                 }
-                (inv, Packet { protocol, src, src_port, dst, dst_port })
+                (
+                    inv,
+                    Packet {
+                        protocol,
+                        src,
+                        src_port,
+                        dst,
+                        dst_port,
+                    },
+                )
             })
     })
 }

@@ -26,7 +26,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -35,7 +38,10 @@ impl Lcg {
 }
 
 fn asg_ep(ns: &str, name: &str) -> Endpoint {
-    Endpoint::Asgs(vec![AsgRef { namespace: ns.into(), name: name.into() }])
+    Endpoint::Asgs(vec![AsgRef {
+        namespace: ns.into(),
+        name: name.into(),
+    }])
 }
 
 fn tag(t: &str) -> Endpoint {
@@ -62,8 +68,15 @@ fn rules(seed: u64, n: usize, d: Direction) -> Vec<SecurityRule> {
                     Endpoint::Prefixes(vec![net.parse().unwrap()])
                 }
                 // Pods of other namespaces by ASG (A and B are members of none).
-                3..=5 => asg_ep(&format!("ns{}", g.below(NAMESPACES as u64)), apps[g.below(3) as usize]),
-                6 => tag(if g.below(2) == 0 { "Internet" } else { "AzureLoadBalancer" }),
+                3..=5 => asg_ep(
+                    &format!("ns{}", g.below(NAMESPACES as u64)),
+                    apps[g.below(3) as usize],
+                ),
+                6 => tag(if g.below(2) == 0 {
+                    "Internet"
+                } else {
+                    "AzureLoadBalancer"
+                }),
                 // The cluster, but TCP only: the flow is UDP.
                 _ => tag("VirtualNetwork"),
             };
@@ -85,13 +98,30 @@ fn rules(seed: u64, n: usize, d: Direction) -> Vec<SecurityRule> {
             };
             // A few rules name an ASG of the node's own namespace on the local side, so pods
             // of the node fall into different stage variants (A and B are in none).
-            let local = if g.below(10) == 0 { asg_ep("bench", apps[g.below(3) as usize]) } else { Endpoint::any() };
+            let local = if g.below(10) == 0 {
+                asg_ep("bench", apps[g.below(3) as usize])
+            } else {
+                Endpoint::any()
+            };
             let (source, destination) = match d {
                 Direction::Inbound => (peer, local),
                 Direction::Outbound => (local, peer),
             };
-            let access = if g.below(2) == 0 { Access::Allow } else { Access::Deny };
-            let mut r = rule(&format!("r{k}"), 100 + k as u32, d, access, protocol, source, destination, &dports);
+            let access = if g.below(2) == 0 {
+                Access::Allow
+            } else {
+                Access::Deny
+            };
+            let mut r = rule(
+                &format!("r{k}"),
+                100 + k as u32,
+                d,
+                access,
+                protocol,
+                source,
+                destination,
+                &dports,
+            );
             if protocol != Protocol::Icmp && g.below(10) == 0 {
                 let s = g.below(60000) as u16;
                 r.source_ports = vec![PortRange::new(s, s + 100)];
@@ -101,7 +131,13 @@ fn rules(seed: u64, n: usize, d: Direction) -> Vec<SecurityRule> {
         .collect()
 }
 
-fn group(ns: &str, name: &str, subnet: bool, selector: Option<(&str, &str)>, rules: Vec<SecurityRule>) -> Nsg {
+fn group(
+    ns: &str,
+    name: &str,
+    subnet: bool,
+    selector: Option<(&str, &str)>,
+    rules: Vec<SecurityRule>,
+) -> Nsg {
     Nsg {
         id: ObjectRef::new(ns, name),
         created: Some("2026-01-01T00:00:00Z".into()),
@@ -122,8 +158,20 @@ pub fn cluster(user_rules: bool) -> Inventory {
     subnet_rules.extend(rules(2, n, Direction::Inbound));
     let nsgs = vec![
         group("bench", "bench-subnet", true, None, subnet_rules),
-        group("bench", "a-nic", false, Some(("name", "a")), rules(3, n, Direction::Outbound)),
-        group("bench", "b-nic", false, Some(("name", "b")), rules(4, n, Direction::Inbound)),
+        group(
+            "bench",
+            "a-nic",
+            false,
+            Some(("name", "a")),
+            rules(3, n, Direction::Outbound),
+        ),
+        group(
+            "bench",
+            "b-nic",
+            false,
+            Some(("name", "b")),
+            rules(4, n, Direction::Inbound),
+        ),
     ];
     let mut pods = Vec::new();
     let mut a = pod("bench", "a", "client", &[A, A6], NODE);
@@ -134,17 +182,36 @@ pub fn cluster(user_rules: bool) -> Inventory {
     pods.push(b);
     let apps = ["web", "logic", "db"];
     for i in 0..LOCAL_PODS {
-        pods.push(pod("bench", &format!("local{i}"), apps[i % 3], &[&format!("10.250.3.{}", 10 + i)], NODE));
+        pods.push(pod(
+            "bench",
+            &format!("local{i}"),
+            apps[i % 3],
+            &[&format!("10.250.3.{}", 10 + i)],
+            NODE,
+        ));
     }
     for i in 0..PODS - pods.len() {
         let ip = format!("10.250.{}.{}", 64 + i / 250, 1 + i % 250);
         let node = format!("node-{}", 2 + i % 50);
         // Every seventh pod is in no ASG.
-        let app = if i % 7 == 0 { "batch" } else { apps[(i / NAMESPACES) % 3] };
-        pods.push(pod(&format!("ns{}", i % NAMESPACES), &format!("p{i}"), app, &[&ip], &node));
+        let app = if i % 7 == 0 {
+            "batch"
+        } else {
+            apps[(i / NAMESPACES) % 3]
+        };
+        pods.push(pod(
+            &format!("ns{}", i % NAMESPACES),
+            &format!("p{i}"),
+            app,
+            &[&ip],
+            &node,
+        ));
     }
     let mut asgs = Vec::new();
-    for ns in (0..NAMESPACES).map(|i| format!("ns{i}")).chain(["bench".to_string()]) {
+    for ns in (0..NAMESPACES)
+        .map(|i| format!("ns{i}"))
+        .chain(["bench".to_string()])
+    {
         for app in apps {
             asgs.push(asg(&ns, app, app));
         }
@@ -155,7 +222,10 @@ pub fn cluster(user_rules: bool) -> Inventory {
         service_tags: vec![],
         pods,
         namespaces: vec![],
-        virtual_network: vec!["10.250.0.0/16".parse().unwrap(), "fd00:250::/48".parse().unwrap()],
+        virtual_network: vec![
+            "10.250.0.0/16".parse().unwrap(),
+            "fd00:250::/48".parse().unwrap(),
+        ],
         node_ips: vec!["10.250.255.1".parse().unwrap()],
     }
 }

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use kube_nsg::model::*;
 
+/// A rule from its fields, in the order Azure lists them.
+#[allow(clippy::too_many_arguments)]
 pub fn rule(
     name: &str,
     priority: u32,
@@ -24,13 +26,24 @@ pub fn rule(
         source,
         source_ports: vec![PortRange::ALL],
         destination,
-        destination_ports: destination_ports.split(',').map(|p| p.parse().unwrap()).collect(),
+        destination_ports: destination_ports
+            .split(',')
+            .map(|p| p.parse().unwrap())
+            .collect(),
         is_default: false,
     }
 }
 
 pub fn asgs(ns: &str, names: &[&str]) -> Endpoint {
-    Endpoint::Asgs(names.iter().map(|n| AsgRef { namespace: ns.into(), name: (*n).into() }).collect())
+    Endpoint::Asgs(
+        names
+            .iter()
+            .map(|n| AsgRef {
+                namespace: ns.into(),
+                name: (*n).into(),
+            })
+            .collect(),
+    )
 }
 
 pub fn prefixes(ps: &[&str]) -> Endpoint {
@@ -71,18 +84,52 @@ pub fn three_tier() -> Inventory {
             subnet: true,
             pod_selector: None,
             rules: vec![
-                rule("Allow-HTTP-Inbound-Internet", 100, Inbound, Allow, Protocol::Tcp,
-                    prefixes(&["Internet"]), asgs(ns, &["asg-web"]), "80"),
-                rule("Allow-Database-BusinessLogic", 110, Inbound, Allow, Protocol::Tcp,
-                    asgs(ns, &["asg-logic"]), asgs(ns, &["asg-db"]), "1433"),
-                rule("Deny-Database-All", 120, Inbound, Deny, Protocol::Any,
-                    prefixes(&["*"]), asgs(ns, &["asg-db"]), "1433"),
+                rule(
+                    "Allow-HTTP-Inbound-Internet",
+                    100,
+                    Inbound,
+                    Allow,
+                    Protocol::Tcp,
+                    prefixes(&["Internet"]),
+                    asgs(ns, &["asg-web"]),
+                    "80",
+                ),
+                rule(
+                    "Allow-Database-BusinessLogic",
+                    110,
+                    Inbound,
+                    Allow,
+                    Protocol::Tcp,
+                    asgs(ns, &["asg-logic"]),
+                    asgs(ns, &["asg-db"]),
+                    "1433",
+                ),
+                rule(
+                    "Deny-Database-All",
+                    120,
+                    Inbound,
+                    Deny,
+                    Protocol::Any,
+                    prefixes(&["*"]),
+                    asgs(ns, &["asg-db"]),
+                    "1433",
+                ),
             ],
         }],
-        asgs: vec![asg(ns, "asg-web", "web"), asg(ns, "asg-logic", "logic"), asg(ns, "asg-db", "db")],
+        asgs: vec![
+            asg(ns, "asg-web", "web"),
+            asg(ns, "asg-logic", "logic"),
+            asg(ns, "asg-db", "db"),
+        ],
         service_tags: vec![],
         pods: vec![
-            pod(ns, "web1", "web", &["10.244.1.10", "fd00:10:244:1::10"], "node-1"),
+            pod(
+                ns,
+                "web1",
+                "web",
+                &["10.244.1.10", "fd00:10:244:1::10"],
+                "node-1",
+            ),
             pod(ns, "web2", "web", &["10.244.1.11"], "node-1"),
             pod(ns, "logic1", "logic", &["10.244.1.20"], "node-1"),
             pod(ns, "db1", "db", &["10.244.1.30"], "node-1"),
@@ -91,7 +138,10 @@ pub fn three_tier() -> Inventory {
             name: ns.into(),
             labels: BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
         }],
-        virtual_network: vec!["10.244.0.0/16".parse().unwrap(), "fd00:10:244::/56".parse().unwrap()],
+        virtual_network: vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10:244::/56".parse().unwrap(),
+        ],
         node_ips: vec!["172.18.0.2".parse().unwrap()],
     }
 }

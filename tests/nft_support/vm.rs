@@ -40,7 +40,10 @@ impl Pkt {
         let (proto, icmp_type) = match p.protocol {
             Protocol::Tcp => (proto::TCP, None),
             Protocol::Udp => (proto::UDP, None),
-            Protocol::Icmp => (family.icmp(), Some(if family == Family::V4 { 8 } else { 128 })),
+            Protocol::Icmp => (
+                family.icmp(),
+                Some(if family == Family::V4 { 8 } else { 128 }),
+            ),
             Protocol::Any => unreachable!("packets have a protocol"),
         };
         Pkt {
@@ -120,8 +123,16 @@ impl<'a> Vm<'a> {
 
     fn check_rule(&self, r: &Rule, at: &str) -> Result<(), String> {
         for m in &r.matches {
-            if let Match::Addr { family, set: AddrSet::Named(n), .. } = m {
-                let s = self.sets.get(n.as_str()).ok_or(format!("{at}: missing set {n}"))?;
+            if let Match::Addr {
+                family,
+                set: AddrSet::Named(n),
+                ..
+            } = m
+            {
+                let s = self
+                    .sets
+                    .get(n.as_str())
+                    .ok_or(format!("{at}: missing set {n}"))?;
                 let want = Field::Addr(*family, Side::Src).key_type();
                 if s.is_map || s.key != [want] {
                     return Err(format!("{at}: set {n} is not a set of {want:?}"));
@@ -134,7 +145,10 @@ impl<'a> Vm<'a> {
                 let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
                 let elements = match map {
                     MapRef::Named(n) => {
-                        let s = self.sets.get(n.as_str()).ok_or(format!("{at}: missing map {n}"))?;
+                        let s = self
+                            .sets
+                            .get(n.as_str())
+                            .ok_or(format!("{at}: missing map {n}"))?;
                         if !s.is_map || s.key != types {
                             return Err(format!("{at}: map {n} does not take {types:?}"));
                         }
@@ -157,13 +171,19 @@ impl<'a> Vm<'a> {
     pub fn run(&self, hook: Hook, pkt: &Pkt) -> Result<Trace, String> {
         let mut counted = Vec::new();
         let Some(base) = self.rs.chains.iter().find(|c| c.hook == Some(hook)) else {
-            return Ok(Trace { outcome: Outcome::Accept, counted });
+            return Ok(Trace {
+                outcome: Outcome::Accept,
+                counted,
+            });
         };
         // Call stack of (chain, next rule); `goto` replaces the top, `jump` pushes.
         let mut stack: Vec<(&Chain, usize)> = vec![(base, 0)];
         loop {
             let Some(&(chain, i)) = stack.last() else {
-                return Ok(Trace { outcome: Outcome::Accept, counted }); // policy accept
+                return Ok(Trace {
+                    outcome: Outcome::Accept,
+                    counted,
+                }); // policy accept
             };
             let Some(rule) = chain.rules.get(i) else {
                 stack.pop(); // end of chain: implicit return
@@ -179,7 +199,10 @@ impl<'a> Vm<'a> {
             let verdict = match &rule.action {
                 Action::Verdict(v) => v.clone(),
                 Action::Vmap { key, map } => {
-                    let Some(k) = key.iter().map(|f| field(*f, pkt)).collect::<Option<Vec<u128>>>()
+                    let Some(k) = key
+                        .iter()
+                        .map(|f| field(*f, pkt))
+                        .collect::<Option<Vec<u128>>>()
                     else {
                         continue; // a field of another family: the rule does not match
                     };
@@ -194,8 +217,18 @@ impl<'a> Vm<'a> {
                 }
             };
             match verdict {
-                Verdict::Accept => return Ok(Trace { outcome: Outcome::Accept, counted }),
-                Verdict::Drop => return Ok(Trace { outcome: Outcome::Drop, counted }),
+                Verdict::Accept => {
+                    return Ok(Trace {
+                        outcome: Outcome::Accept,
+                        counted,
+                    });
+                }
+                Verdict::Drop => {
+                    return Ok(Trace {
+                        outcome: Outcome::Drop,
+                        counted,
+                    });
+                }
                 Verdict::Return => {
                     stack.pop();
                 }
@@ -221,13 +254,21 @@ impl<'a> Vm<'a> {
                     && pkt.proto == proto::ICMPV6
                     && pkt.icmp_type.is_some_and(|t| ts.contains(&t))
             }
-            Match::Addr { family, side, negate, set } => {
+            Match::Addr {
+                family,
+                side,
+                negate,
+                set,
+            } => {
                 // `ip saddr` carries an implicit `meta nfproto ipv4`, negated or not.
-                let Some(v) = field(Field::Addr(*family, *side), pkt) else { return false };
+                let Some(v) = field(Field::Addr(*family, *side), pkt) else {
+                    return false;
+                };
                 let inside = match set {
-                    AddrSet::Named(n) => {
-                        self.sets[n.as_str()].elements.iter().any(|e| e.key[0].0 <= v && v <= e.key[0].1)
-                    }
+                    AddrSet::Named(n) => self.sets[n.as_str()]
+                        .elements
+                        .iter()
+                        .any(|e| e.key[0].0 <= v && v <= e.key[0].1),
                     AddrSet::Literal(spans) => spans.iter().any(|&(a, b)| a <= v && v <= b),
                 };
                 inside != *negate
@@ -262,12 +303,19 @@ fn lookup<'e>(elements: &'e [Element], k: &[u128]) -> Result<Option<&'e Element>
     let mut hits = elements.iter().filter(|e| contains(e, k));
     let first = hits.next();
     if let Some(second) = hits.next() {
-        return Err(format!("overlapping elements {first:?} and {second:?} hold {k:?}"));
+        return Err(format!(
+            "overlapping elements {first:?} and {second:?} hold {k:?}"
+        ));
     }
     Ok(first)
 }
 
-fn check_elements(elements: &[Element], key: &[KeyType], is_map: bool, at: &str) -> Result<(), String> {
+fn check_elements(
+    elements: &[Element],
+    key: &[KeyType],
+    is_map: bool,
+    at: &str,
+) -> Result<(), String> {
     for e in elements {
         if e.key.len() != key.len() || e.verdict.is_some() != is_map {
             return Err(format!("{at}: element {e:?} does not fit {key:?}"));
@@ -287,7 +335,11 @@ fn check_elements(elements: &[Element], key: &[KeyType], is_map: bool, at: &str)
     // Disjoint: no two elements share a point (boxes overlap iff every part overlaps).
     for (i, x) in elements.iter().enumerate() {
         for y in &elements[i + 1..] {
-            if x.key.iter().zip(&y.key).all(|(p, q)| p.0 <= q.1 && q.0 <= p.1) {
+            if x.key
+                .iter()
+                .zip(&y.key)
+                .all(|(p, q)| p.0 <= q.1 && q.0 <= p.1)
+            {
                 return Err(format!("{at}: elements {x:?} and {y:?} overlap"));
             }
         }
