@@ -8,9 +8,11 @@
 //!   ├─ ip saddr vmap @pods-out.v4 ─ jump pods-out/N            (source pod's outbound stages)
 //!   └─ ip daddr vmap @pods-in.v4  ─ jump pods-in/N             (destination pod's inbound)
 //! pods-in/N:   ct state invalid drop; jump in/NS/SUBNET-NSG; jump in/NS/NIC-NSG
-//! in/NS/NSG:   ip saddr vmap @in/NS/NSG.v4  ─ goto in/NS/NSG/cK  (peer address → class)
+//! in/NS/NSG:   ip saddr vmap @in/NS/NSG/pods.v4               (pod peers with a class of their own)
+//!              ip saddr vmap @in/NS/NSG.v4    ─ goto in/NS/NSG/cK  (prefixes and tags → class)
 //! in/NS/NSG/cK: meta l4proto { tcp, udp } meta l4proto . th dport [. th sport] vmap { … }
-//!               meta l4proto { icmp, ipv6-icmp } goto …;  goto …  (ICMP, other protocols)
+//!               meta l4proto { icmp, ipv6-icmp } goto …;  goto …  (ICMP, other protocols;
+//!               a class of specific rules ends with `goto` its broad rules' class instead)
 //! in/NS/NSG/PRIO: counter return|drop comment "NS/NSG RULE (inbound PRIO): allow|deny"
 //! ```
 //!
@@ -24,6 +26,10 @@
 //!   each class's (protocol, destination port, source port) space is cut the same way, with
 //!   the first matching rule as the verdict. So a packet costs two lookups per stage whatever
 //!   the rule count. Source ports are a key part only in classes where a rule restricts them.
+//!   Pod peers get exact hash entries where their ASG memberships give them a class of their
+//!   own, so pod churn touches hash maps, never the interval maps; a class's specific rules
+//!   (CIDRs, ASGs) are an exception map in front of the shared class of its broad rules (tags,
+//!   any), so a broad rule's ports are written once per context, not once per class.
 //! - ICMP has no ports (`th dport` would read its checksum): port maps are reached by TCP and
 //!   UDP only; ICMP is decided by the first rule of protocol Icmp or Any without port
 //!   restrictions, other protocols by the first of protocol Any without port restrictions.
