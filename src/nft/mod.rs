@@ -24,8 +24,9 @@
 //!   disjoint intervals: the peer address space is cut where any rule's address set starts or
 //!   ends; each piece's rules (up to the first that matches everything) form a class, and
 //!   each class's (protocol, destination port, source port) space is cut the same way, with
-//!   the first matching rule as the verdict. So a packet costs two lookups per stage whatever
-//!   the rule count. Source ports are a key part only in classes where a rule restricts them.
+//!   the first matching rule as the verdict. So a packet costs at most four lookups per stage
+//!   (pod map, prefix map, exception and shared port maps) whatever the rule count. Source
+//!   ports are a key part only in classes where a rule restricts them.
 //!   Pod peers get exact hash entries where their ASG memberships give them a class of their
 //!   own, so pod churn touches hash maps, never the interval maps; a class's specific rules
 //!   (CIDRs, ASGs) are an exception map in front of the shared class of its broad rules (tags,
