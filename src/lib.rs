@@ -1,7 +1,7 @@
 //! kube-nsg: Azure-style network security groups for Kubernetes.
 //!
-//! The pure core (`model`, `resolve`, `eval`, `effective`, `netpol`, `analyze`) holds the
-//! semantics; the shells around it (`api`, `cli`, `import`) talk to Kubernetes and files.
+//! The pure core (`model`, `resolve`, `eval`, `effective`, `netpol`, `analyze`, `nft`) holds
+//! the semantics; the shells around it (`api`, `cli`, `import`) talk to Kubernetes and files.
 
 pub mod analyze;
 pub mod api;
@@ -11,4 +11,5 @@ pub mod eval;
 pub mod import;
 pub mod model;
 pub mod netpol;
+pub mod nft;
 pub mod resolve;
