@@ -7,8 +7,10 @@ demo: ## The local demo (offline evaluation until the cluster demo lands)
 test: ## Everything CI runs: setup, fmt, clippy, all tests
 	bash tests/ci.sh
 
-generate: ## Regenerate the committed CRDs from the Rust types
+generate: ## Regenerate the committed CRDs (and the chart's copy) and deploy/ from the sources
 	cargo run -q -- crds > crds/kube-nsg.yaml
+	cp crds/kube-nsg.yaml charts/kube-nsg/crds/kube-nsg.yaml
+	bash tests/render-deploy.sh > deploy/kube-nsg.yaml
 
 lint:
 	cargo fmt --check
