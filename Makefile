@@ -1,7 +1,13 @@
 # The README's two commands are `make demo` and `make test`.
-.PHONY: demo test generate lint e2e cluster-up cluster-down offline-demo
+.PHONY: demo demo-down offline-demo test generate lint cluster-up cluster-down
 
-demo: ## The local demo (offline evaluation until the cluster demo lands)
+demo: ## The local demo: control plane, controller, agent, netns pods, real packets
+	bash tests/demo.sh
+
+demo-down: ## Stop what the demo left running
+	bash tests/demo-down.sh
+
+offline-demo: ## Effective rules and IP flow verify on the example, no cluster
 	bash tests/offline-demo.sh
 
 test: ## Everything CI runs: setup, fmt, clippy, all tests
