@@ -31,6 +31,8 @@ enum Command {
     /// Convert security groups from other systems into kube-nsg objects.
     #[command(subcommand)]
     Import(ImportSource),
+    /// Run the controller: pod labels, NetworkPolicies and status (leader-elected).
+    Controller(kube_nsg::controller::ControllerArgs),
 }
 
 #[derive(Subcommand)]
@@ -48,6 +50,9 @@ fn run(args: Args) -> Result<String, CliError> {
         Command::Compile(a) => cli::compile(&a),
         Command::Analyze(a) => cli::analyze(&a),
         Command::Import(ImportSource::Azure(a)) => cli::import_azure(&a),
+        Command::Controller(a) => kube_nsg::controller::run_blocking(a)
+            .map(|()| String::new())
+            .map_err(|e| CliError(e.to_string())),
     }
 }
 
