@@ -45,7 +45,7 @@ fn ns_name(i: usize) -> String {
 }
 
 fn rule(r: usize) -> Value {
-    let inbound = r % 2 == 0;
+    let inbound = r.is_multiple_of(2);
     let access = if r % 5 == 4 { "Deny" } else { "Allow" };
     let protocol = ["Tcp", "Udp", "Tcp", "*"][r % 4];
     let ports = ["80", "443", "8000-8100", "5432", "9090-9099"][r % 5];

@@ -1,7 +1,7 @@
 //! kube-nsg: Azure-style network security groups for Kubernetes.
 //!
-//! The pure core (`model`, `resolve`, `eval`, `netpol`, `analyze`) holds the semantics; the
-//! shells around it talk to Kubernetes.
+//! The pure core (`model`, `resolve`, `eval`, `effective`, `netpol`, `analyze`, `nft`) holds
+//! the semantics; the shells around it (`api`, `cli`, `import`) talk to Kubernetes and files.
 
 pub mod analyze;
 pub mod api;
@@ -9,6 +9,8 @@ pub mod cli;
 pub mod controller;
 pub mod effective;
 pub mod eval;
+pub mod import;
 pub mod model;
 pub mod netpol;
+pub mod nft;
 pub mod resolve;

@@ -24,8 +24,22 @@ enum Command {
     Verify(cli::VerifyArgs),
     /// The effective security rules of a pod, per direction and stage.
     Effective(cli::EffectiveArgs),
+    /// The NetworkPolicies the controller would apply, or the per-rule fidelity report.
+    Compile(cli::CompileArgs),
+    /// Shadowed, redundant and correlated rules, each with an example flow.
+    Analyze(cli::AnalyzeArgs),
+    /// Convert security groups from other systems into kube-nsg objects.
+    #[command(subcommand)]
+    Import(ImportSource),
     /// Run the controller: pod labels, NetworkPolicies and status (leader-elected).
     Controller(kube_nsg::controller::ControllerArgs),
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// An Azure NSG export: an ARM template, `az network nsg show/list` or REST JSON.
+    /// What cannot be converted is reported on stderr and in the output's comments.
+    Azure(cli::ImportAzureArgs),
 }
 
 fn run(args: Args) -> Result<String, CliError> {
@@ -33,6 +47,9 @@ fn run(args: Args) -> Result<String, CliError> {
         Command::Crds => Ok(kube_nsg::api::crds_yaml()),
         Command::Verify(a) => cli::verify(&a),
         Command::Effective(a) => cli::effective(&a),
+        Command::Compile(a) => cli::compile(&a),
+        Command::Analyze(a) => cli::analyze(&a),
+        Command::Import(ImportSource::Azure(a)) => cli::import_azure(&a),
         Command::Controller(a) => kube_nsg::controller::run_blocking(a)
             .map(|()| String::new())
             .map_err(|e| CliError(e.to_string())),

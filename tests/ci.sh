@@ -9,6 +9,9 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 shellcheck -x tests/*.sh tests/*/*.sh .ci/run
 cargo build --release --bins
-# One test binary at a time shares the one local control plane; tests inside a binary
-# use their own namespaces.
-cargo test --all-targets -- --test-threads=2
+bash tests/image.sh
+bash tests/helm.sh
+# Benchmarks are built by clippy above and run by `cargo bench`, not here: their figures
+# need a release build and a quiet machine. Test binaries run one at a time (they share the
+# local control plane and the host's network); tests inside one use their own namespaces.
+cargo test --lib --bins --tests --examples -- --test-threads=2

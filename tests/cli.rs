@@ -78,7 +78,7 @@ fn verify_without_any_group_says_so_and_rule_is_null() {
         "--protocol",
         "icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
         "-o",
         "json",
     ]);
@@ -102,7 +102,7 @@ fn verify_requires_ports_for_tcp_and_refuses_them_for_icmp() {
         "--protocol",
         "Tcp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
     ]);
     assert!(!out.status.success());
     assert!(
@@ -121,7 +121,7 @@ fn verify_requires_ports_for_tcp_and_refuses_them_for_icmp() {
         "--protocol",
         "Icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
         "--local-port",
         "80",
     ]);
@@ -192,7 +192,7 @@ fn invalid_objects_are_all_reported_with_file_object_rule_and_field() {
         "--protocol",
         "Icmp",
         "--remote-ip",
-        "203.0.113.9",
+        "198.18.0.9",
     ]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -230,4 +230,81 @@ fn unreadable_input_fails_cleanly() {
         stderr(&out)
     );
     assert!(!stderr(&out).contains("panicked"));
+}
+
+#[test]
+fn import_azure_prints_objects_and_reports_what_it_could_not_convert() {
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/azure-nsg");
+    assert!(
+        std::path::Path::new(corpus).is_dir(),
+        "the Azure corpus is missing at {corpus}"
+    );
+    let out = kube_nsg(&[
+        "import",
+        "azure",
+        &format!("{corpus}/05-aml-secure-regional-tags.json"),
+        "-n",
+        "ml",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let yaml = stdout(&out);
+    assert!(
+        yaml.contains("kind: NetworkSecurityGroup") && yaml.contains("namespace: ml"),
+        "{yaml}"
+    );
+    // The regional tags are template expressions: skipped and said so, never dropped silently.
+    assert!(stderr(&out).contains("Storage.{0}"), "{}", stderr(&out));
+    assert!(yaml.contains("# Issues"), "{yaml}");
+    let bad = kube_nsg(&["import", "azure", "README.md", "-n", "x"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("README.md"), "{}", stderr(&bad));
+}
+
+#[test]
+fn compile_prints_policies_pods_and_the_fidelity_report() {
+    let out = kube_nsg(&[
+        "compile",
+        "-f",
+        "examples/three-tier",
+        "--to",
+        "networkpolicy",
+        "--with-pods",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&stdout(&out))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert!(docs.iter().any(|d| d["kind"] == "NetworkPolicy"));
+    let db1 = docs
+        .iter()
+        .find(|d| d["kind"] == "Pod" && d["metadata"]["name"] == "db1")
+        .unwrap();
+    assert_eq!(db1["metadata"]["labels"]["asg.kubensg.io/asgdb"], "true");
+    let report = kube_nsg(&["compile", "-f", "examples/three-tier", "--report", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&report)).unwrap();
+    let http = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "Allow-HTTP-Inbound-Internet")
+        .unwrap();
+    assert_eq!(http["fidelity"], "Exact");
+}
+
+#[test]
+fn analyze_reports_anomalies_with_an_example_flow() {
+    let out = kube_nsg(&["analyze", "-f", "examples/three-tier", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let anomalies: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let correlated = anomalies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "Correlated" && a["rule"] == "AllowVNetInBound")
+        .expect("AllowVNetInBound overlaps the database deny before it, whose order decides");
+    assert_eq!(
+        correlated["related"],
+        serde_json::json!(["Deny-Database-All"])
+    );
+    assert!(correlated["example"].is_object());
 }

@@ -18,8 +18,8 @@ verify() {
   out=$("$nsg" verify -f "$ex" "${ranges[@]}" "$@")
   echo "${out%%$'\n'*}"
 }
-verify --pod three-tier/web1 --direction Inbound --protocol Tcp --remote-ip 203.0.113.10 --local-port 80 --remote-port 50000
-verify --pod three-tier/logic1 --direction Inbound --protocol Tcp --remote-ip 203.0.113.10 --local-port 80 --remote-port 50000
+verify --pod three-tier/web1 --direction Inbound --protocol Tcp --remote-ip 198.18.0.10 --local-port 80 --remote-port 50000
+verify --pod three-tier/logic1 --direction Inbound --protocol Tcp --remote-ip 198.18.0.10 --local-port 80 --remote-port 50000
 verify --pod three-tier/db1 --direction Inbound --protocol Tcp --remote-ip 10.244.1.21 --local-port 1433 --remote-port 50000
 verify --pod three-tier/db1 --direction Inbound --protocol Tcp --remote-ip 10.244.1.11 --local-port 1433 --remote-port 50000
 verify --pod three-tier/logic1 --direction Inbound --protocol Icmp --remote-ip 10.244.1.11

@@ -9,7 +9,7 @@ use kube_nsg::eval::{Packet, Verdict, evaluate, evaluate_flow};
 use kube_nsg::model::{Access, Direction, Inventory, ObjectRef, Protocol, SecurityRule};
 use kube_nsg::resolve::{Level, Resolved};
 
-const INTERNET: &str = "203.0.113.10";
+const INTERNET: &str = "198.18.0.10";
 
 fn load(example: &str) -> Inventory {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -17,7 +17,8 @@ use crate::resolve::Resolved;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Inputs {
     /// YAML/JSON files or directories of NSGs, ASGs, ServiceTags, Namespaces and Pods.
-    #[arg(short = 'f', long = "filename", required = true)]
+    /// Without any, the objects are read from the cluster of the current kubeconfig.
+    #[arg(short = 'f', long = "filename")]
     pub files: Vec<PathBuf>,
     /// Cluster ranges (pod and service CIDRs) that belong to the VirtualNetwork tag.
     #[arg(long, value_delimiter = ',')]
@@ -34,6 +35,9 @@ pub struct CliError(pub String);
 
 impl Inputs {
     pub fn inventory(&self) -> Result<Inventory, CliError> {
+        if self.files.is_empty() {
+            return self.live_inventory();
+        }
         let objects = load::Objects::read(&self.files).map_err(|e| CliError(e.to_string()))?;
         objects
             .into_inventory(&self.virtual_network, &self.node_ips)
@@ -46,6 +50,32 @@ impl Inputs {
                         .join("\n"),
                 )
             })
+    }
+}
+
+impl Inputs {
+    /// The cluster's objects, as the controller sees them. Invalid objects are reported on
+    /// stderr and left out, as the controller leaves them out (it keeps their last valid
+    /// version; a one-shot read has none).
+    fn live_inventory(&self) -> Result<Inventory, CliError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError(e.to_string()))?;
+        let live = runtime.block_on(async {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| CliError(format!("no -f given and no cluster reachable: {e}")))?;
+            crate::controller::inventory_from_cluster(&client, &self.virtual_network)
+                .await
+                .map_err(|e| CliError(format!("reading the cluster: {e}")))
+        })?;
+        for errors in &live.invalid {
+            eprintln!("warning: left out: {errors}");
+        }
+        let mut inventory = live.inventory;
+        inventory.node_ips.extend(&self.node_ips);
+        Ok(inventory)
     }
 }
 
@@ -331,4 +361,147 @@ pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
         out += "\n";
     }
     out
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportAzureArgs {
+    /// The JSON file.
+    pub file: PathBuf,
+    /// The namespace of the objects produced (the "subnet" the groups are associated with).
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+    pub output: crate::import::OutputFormat,
+}
+
+/// Prints the objects; what was not converted goes to stderr (and the YAML's comments).
+pub fn import_azure(args: &ImportAzureArgs) -> Result<String, CliError> {
+    let import = crate::import::import_azure_file(&args.file, &args.namespace)
+        .map_err(|e| CliError(e.to_string()))?;
+    eprint!("{}", import.report());
+    Ok(import.render(args.output))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompileTarget {
+    Networkpolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Json,
+}
+
+/// The NetworkPolicies the controller would apply for the inputs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompileArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[arg(long, value_enum, default_value = "networkpolicy")]
+    pub to: CompileTarget,
+    /// strict: never allow more than the NSG; permissive: never deny what it allows.
+    #[arg(long, default_value = "strict")]
+    pub mode: crate::netpol::Mode,
+    /// Also print each input Pod with the labels the controller maintains on it.
+    #[arg(long)]
+    pub with_pods: bool,
+    /// Print the per-rule fidelity report instead of the policies.
+    #[arg(long, value_enum)]
+    pub report: Option<ReportFormat>,
+}
+
+fn yaml_documents<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| serde_yaml_ng::to_string(&i).expect("serializes"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+pub fn compile(args: &CompileArgs) -> Result<String, CliError> {
+    let inv = args.inputs.inventory()?;
+    let res = Resolved::new(&inv);
+    let compiled = crate::netpol::compile(&res, args.mode);
+    if args.report.is_some() {
+        return Ok(serde_json::to_string_pretty(&compiled.report).expect("serializes") + "\n");
+    }
+    let mut docs: Vec<serde_json::Value> = compiled
+        .policies
+        .iter()
+        .map(|p| serde_json::to_value(p).expect("serializes"))
+        .collect();
+    if args.with_pods {
+        docs.extend(inv.pods.iter().enumerate().map(|(i, pod)| {
+            let ips: Vec<serde_json::Value> = pod
+                .ips
+                .iter()
+                .map(|ip| serde_json::json!({"ip": ip.to_string()}))
+                .collect();
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod.id.name,
+                    "namespace": pod.id.namespace,
+                    "labels": crate::netpol::labels_with_managed(&res, i),
+                    "annotations": pod.annotations,
+                },
+                "status": {"podIP": pod.ips.first().map(|ip| ip.to_string()), "podIPs": ips},
+            })
+        }));
+    }
+    Ok(yaml_documents(docs))
+}
+
+/// Rules that never decide, could go, or whose order decides.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: TableOrJson,
+}
+
+pub fn analyze(args: &AnalyzeArgs) -> Result<String, CliError> {
+    let inv = args.inputs.inventory()?;
+    let res = Resolved::new(&inv);
+    let anomalies = crate::analyze::analyze_all(&res);
+    if args.output == TableOrJson::Json {
+        return Ok(serde_json::to_string_pretty(&anomalies).expect("serializes") + "\n");
+    }
+    if anomalies.is_empty() {
+        return Ok(
+            "No anomalies: every rule can decide some flow, and none is redundant.\n".into(),
+        );
+    }
+    let mut rows = vec![
+        [
+            "NSG",
+            "DIRECTION",
+            "KIND",
+            "RULE",
+            "RELATED",
+            "EXAMPLE FLOW",
+        ]
+        .map(String::from),
+    ];
+    for a in &anomalies {
+        let example = a.example.map_or(String::new(), |p| {
+            format!(
+                "{} {} -> {}",
+                p.protocol,
+                endpoint_text(p.src, p.src_port, p.protocol),
+                endpoint_text(p.dst, p.dst_port, p.protocol)
+            )
+        });
+        rows.push([
+            a.nsg.to_string(),
+            a.direction.to_string(),
+            format!("{:?}", a.kind),
+            format!("{} ({})", a.rule, a.priority),
+            a.related.join(", "),
+            example,
+        ]);
+    }
+    Ok(render_table(&rows))
 }

@@ -337,6 +337,10 @@ impl<T: Entry> Cache<T> {
         self.inner.read().expect("cache lock").items.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get(&self, key: &Key) -> Option<Arc<T>> {
         self.inner
             .read()

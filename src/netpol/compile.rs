@@ -64,8 +64,15 @@ struct Ctx {
     by_asg: BTreeMap<AsgRef, Vec<u32>>,
     /// Non-pod addresses with the same matching rules.
     groups: Vec<AddrGroup>,
-    /// Pod addresses: (owner pod, IPv6?, rules whose prefixes contain the address).
-    pod_ips: Vec<(usize, bool, Vec<u32>)>,
+    /// Pod addresses with the same class, family and matching rules.
+    peers: Vec<PeerGroup>,
+}
+
+struct PeerGroup {
+    class: usize,
+    v6: bool,
+    /// Rules whose peer side matches: prefixes holding the addresses, ASGs of the class.
+    rules: Vec<u32>,
 }
 
 struct AddrGroup {
@@ -73,24 +80,7 @@ struct AddrGroup {
     /// A node's address: traffic between a pod and its node is always allowed.
     node: bool,
     rules: Vec<u32>,
-    ranges: Vec<(u128, u128)>,
-}
-
-impl AddrGroup {
-    fn set(&self) -> IpSet {
-        let ranges = IntervalSet::from_ranges(self.ranges.iter().copied());
-        if self.v6 {
-            IpSet {
-                v4: IntervalSet::empty(),
-                v6: ranges,
-            }
-        } else {
-            IpSet {
-                v4: ranges,
-                v6: IntervalSet::empty(),
-            }
-        }
-    }
+    set: IpSet,
 }
 
 /// A flow end the NSG can tell apart but NetworkPolicy cannot: one address family of the
@@ -138,16 +128,14 @@ fn merge(a: &[u32], b: &[u32]) -> Vec<u32> {
     out
 }
 
+/// Hears (rule, flows it decides) during a walk.
+type Decided<'a> = dyn FnMut(u32, &Bits) + 'a;
+
 impl Ctx {
     /// The allowed flows for one pair of ends, given the rules matching the peer (in order) and
-    /// which rules apply to the target. `decided` hears every (rule, flows it decides), in
-    /// every stage, including stages after one that denies.
-    fn walk(
-        &self,
-        list: &[u32],
-        applies: &[bool],
-        mut decided: Option<&mut dyn FnMut(u32, &Bits)>,
-    ) -> Bits {
+    /// which rules apply to the target. `decided` hears every (rule, flows it decides among
+    /// those the earlier stages let through), as the evaluator reports deciding rules.
+    fn walk(&self, list: &[u32], applies: &[bool], mut decided: Option<&mut Decided>) -> Bits {
         let mut result = self.space.all();
         let mut seen = 0;
         let mut current: Option<usize> = None;
@@ -161,7 +149,7 @@ impl Ctx {
             if current != Some(rule.stage) {
                 if current.is_some() {
                     result.and_assign(&allowed);
-                    if result.is_empty() && decided.is_none() {
+                    if result.is_empty() {
                         return result;
                     }
                 }
@@ -181,7 +169,11 @@ impl Ctx {
                 allowed.or_assign(&d);
             }
             if let Some(f) = decided.as_mut() {
-                f(id, &d);
+                // Only flows that earlier stages let through reach this one.
+                let reaching = d.and(&result);
+                if !reaching.is_empty() {
+                    f(id, &reaching);
+                }
             }
             undecided.minus_assign(&rule.bits);
         }
@@ -216,10 +208,14 @@ pub(super) struct Compiler<'r, 'a> {
     owned: Vec<Vec<IpAddr>>,
     classes: Vec<PodClass>,
     class_ips: Vec<IpSet>,
-    pod_class: Vec<Option<usize>>,
     /// Namespace → names of its ASGs.
     universe: BTreeMap<String, BTreeSet<String>>,
-    node_ips: IpSet,
+    /// Per family (IPv4, IPv6): every pod address with its owner's class, sorted.
+    pod_points: [Vec<(u128, usize)>; 2],
+    /// Per family: node addresses that are no pod's, sorted.
+    node_points: [Vec<u128>; 2],
+    /// Per family: pod and node addresses, sorted: cut out of the address groups.
+    singles: [Vec<u128>; 2],
 }
 
 /// Labels of a pod class key: (namespace, subnet group, interface group).
@@ -315,6 +311,37 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 .insert(asg.id.name.clone());
         }
         let reasons = vec![BTreeSet::new(); reports.len()];
+        let mut pod_points: [Vec<(u128, usize)>; 2] = [vec![], vec![]];
+        for (p, ips) in owned.iter().enumerate() {
+            for ip in ips {
+                let (v6, x) = ip_key(*ip);
+                let class = pod_class[p].expect("pods with addresses have a class");
+                pod_points[v6 as usize].push((x, class));
+            }
+        }
+        let mut node_points: [Vec<u128>; 2] = [vec![], vec![]];
+        let mut singles: [Vec<u128>; 2] = [vec![], vec![]];
+        for v6 in [false, true] {
+            let f = v6 as usize;
+            pod_points[f].sort_unstable();
+            let nodes = if v6 {
+                &res.node_ips.v6
+            } else {
+                &res.node_ips.v4
+            };
+            node_points[f] = nodes
+                .ranges()
+                .iter()
+                .flat_map(|&(a, b)| a..=b)
+                .filter(|x| pod_points[f].binary_search_by_key(x, |p| p.0).is_err())
+                .collect();
+            singles[f] = pod_points[f]
+                .iter()
+                .map(|p| p.0)
+                .chain(node_points[f].iter().copied())
+                .collect();
+            singles[f].sort_unstable();
+        }
         Compiler {
             res,
             mode,
@@ -324,9 +351,10 @@ impl<'r, 'a> Compiler<'r, 'a> {
             owned,
             classes,
             class_ips,
-            pod_class,
             universe,
-            node_ips: res.node_ips.clone(),
+            pod_points,
+            node_points,
+            singles,
         }
     }
 
@@ -407,22 +435,22 @@ impl<'r, 'a> Compiler<'r, 'a> {
             space,
             by_asg,
             groups: vec![],
-            pod_ips: vec![],
+            peers: vec![],
         };
         self.partition(&mut ctx);
         ctx
     }
 
     /// Cuts each address family into intervals on which every rule's peer prefixes agree,
-    /// each pod and node address being an interval of its own.
+    /// then groups the pod addresses by (class, family, matching rules), the node addresses by
+    /// matching rules, and what remains of the intervals by matching rules.
     fn partition(&self, ctx: &mut Ctx) {
-        let mut pods: HashMap<(bool, u128), usize> = HashMap::new();
-        for (p, ips) in self.owned.iter().enumerate() {
-            for ip in ips {
-                pods.insert(ip_key(*ip), p);
-            }
-        }
+        // Distinct sets of rules whose prefixes hold an interval, interned.
+        let mut lists: Vec<Vec<u32>> = Vec::new();
+        let mut list_ids: HashMap<Vec<u32>, usize> = HashMap::new();
+        let mut pod_keys: BTreeSet<(usize, bool, usize)> = BTreeSet::new();
         for v6 in [false, true] {
+            let f = v6 as usize;
             let max = if v6 { u128::MAX } else { u32::MAX as u128 };
             let mut events: Vec<(u128, bool, u32)> = Vec::new();
             for (id, r) in ctx.rules.iter().enumerate() {
@@ -437,31 +465,16 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 }
             }
             events.sort_unstable();
-            let nodes = if v6 {
-                &self.node_ips.v6
-            } else {
-                &self.node_ips.v4
-            };
-            let node_points: Vec<u128> = nodes.ranges().iter().flat_map(|&(a, b)| a..=b).collect();
-            let mut points: Vec<u128> = vec![0];
-            points.extend(events.iter().map(|e| e.0));
-            for &x in pods
-                .keys()
-                .filter(|k| k.0 == v6)
-                .map(|k| &k.1)
-                .chain(&node_points)
-            {
-                points.push(x);
-                if x < max {
-                    points.push(x + 1);
-                }
-            }
-            points.sort_unstable();
-            points.dedup();
+            // Intervals: their first addresses and the interned rule list of each.
+            let (mut starts, mut ids): (Vec<u128>, Vec<usize>) = (Vec::new(), Vec::new());
             let mut active: BTreeSet<u32> = BTreeSet::new();
             let mut e = 0;
-            let mut index: HashMap<(Vec<u32>, bool), usize> = HashMap::new();
-            for (k, &start) in points.iter().enumerate() {
+            loop {
+                let start = match (starts.is_empty(), events.get(e)) {
+                    (true, _) => 0,
+                    (false, Some(ev)) => ev.0,
+                    (false, None) => break,
+                };
                 while e < events.len() && events[e].0 == start {
                     let (_, add, id) = events[e];
                     if add {
@@ -471,30 +484,100 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     }
                     e += 1;
                 }
-                let end = points.get(k + 1).map_or(max, |n| n - 1);
                 let list: Vec<u32> = active.iter().copied().collect();
-                if start == end
-                    && let Some(&p) = pods.get(&(v6, start))
-                {
-                    ctx.pod_ips.push((p, v6, list));
-                    continue;
-                }
-                let node = start == end && nodes.contains(start);
-                let g = *index.entry((list.clone(), node)).or_insert_with(|| {
+                let id = *list_ids.entry(list.clone()).or_insert_with(|| {
+                    lists.push(list);
+                    lists.len() - 1
+                });
+                starts.push(start);
+                ids.push(id);
+            }
+            let interval_of = |x: u128| ids[starts.partition_point(|&s| s <= x) - 1];
+            // Other addresses: each interval minus the pod and node addresses in it, grouped
+            // by rule list; node addresses apart.
+            let mut index: HashMap<(usize, bool), usize> = HashMap::new();
+            let mut ranges: Vec<Vec<(u128, u128)>> = Vec::new();
+            let first = ctx.groups.len();
+            let mut add = |id: usize, node: bool, range: (u128, u128)| {
+                let g = *index.entry((id, node)).or_insert_with(|| {
                     ctx.groups.push(AddrGroup {
                         v6,
                         node,
-                        rules: list,
-                        ranges: vec![],
+                        rules: lists[id].clone(),
+                        set: IpSet::empty(),
                     });
+                    ranges.push(Vec::new());
                     ctx.groups.len() - 1
                 });
-                let ranges = &mut ctx.groups[g].ranges;
-                match ranges.last_mut() {
-                    Some(last) if last.1.checked_add(1) == Some(start) => last.1 = end,
-                    _ => ranges.push((start, end)),
+                ranges[g - first].push(range);
+            };
+            let singles = &self.singles[f];
+            for (k, &start) in starts.iter().enumerate() {
+                let end = starts.get(k + 1).map_or(max, |n| n - 1);
+                let mut cur = Some(start);
+                for &x in &singles[singles.partition_point(|&y| y < start)..] {
+                    if x > end {
+                        break;
+                    }
+                    if let Some(c) = cur
+                        && c < x
+                    {
+                        add(ids[k], false, (c, x - 1));
+                    }
+                    cur = x.checked_add(1);
+                }
+                if let Some(c) = cur
+                    && c <= end
+                {
+                    add(ids[k], false, (c, end));
                 }
             }
+            for &x in &self.node_points[f] {
+                add(interval_of(x), true, (x, x));
+            }
+            for (g, r) in ranges.into_iter().enumerate() {
+                let set = IntervalSet::from_ranges(r);
+                ctx.groups[first + g].set = if v6 {
+                    IpSet {
+                        v4: IntervalSet::empty(),
+                        v6: set,
+                    }
+                } else {
+                    IpSet {
+                        v4: set,
+                        v6: IntervalSet::empty(),
+                    }
+                };
+            }
+            for &(x, class) in &self.pod_points[f] {
+                pod_keys.insert((class, v6, interval_of(x)));
+            }
+        }
+        let mut class_rules: HashMap<usize, Vec<u32>> = HashMap::new();
+        for (class, v6, list_id) in pod_keys {
+            let asg_rules = class_rules.entry(class).or_insert_with(|| {
+                let c = &self.classes[class];
+                let mut ids: Vec<u32> = c
+                    .asgs
+                    .iter()
+                    .filter_map(|name| {
+                        ctx.by_asg.get(&AsgRef {
+                            namespace: c.namespace.clone(),
+                            name: name.clone(),
+                        })
+                    })
+                    .flatten()
+                    .copied()
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            });
+            ctx.peers.push(PeerGroup {
+                class,
+                v6,
+                rules: merge(&lists[list_id], asg_rules),
+            });
         }
     }
 
@@ -582,35 +665,11 @@ impl<'r, 'a> Compiler<'r, 'a> {
 
     fn allowed(&mut self, ctx: &Ctx, units: &[Unit]) -> Allowed {
         // Peer pods: every (class, family, matching rules) against every target unit.
-        let mut class_lists: Vec<Option<Vec<u32>>> = vec![None; self.classes.len()];
-        let mut peer_groups: BTreeMap<(usize, bool, Vec<u32>), ()> = BTreeMap::new();
-        for (p, v6, list) in &ctx.pod_ips {
-            let c = self.pod_class[*p].expect("pods with addresses have a class");
-            let asg_rules = class_lists[c].get_or_insert_with(|| {
-                let class = &self.classes[c];
-                let mut ids: Vec<u32> = class
-                    .asgs
-                    .iter()
-                    .filter_map(|name| {
-                        ctx.by_asg.get(&AsgRef {
-                            namespace: class.namespace.clone(),
-                            name: name.clone(),
-                        })
-                    })
-                    .flatten()
-                    .copied()
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids
-            });
-            peer_groups.insert((c, *v6, merge(list, asg_rules)), ());
-        }
-        let mut per_class: Vec<Vec<(Vec<u32>, usize, Bits)>> = vec![Vec::new(); self.classes.len()];
-        for (c, v6, list) in peer_groups.into_keys() {
-            for (u, unit) in units.iter().enumerate().filter(|(_, u)| u.v6 == v6) {
-                let a = ctx.walk(&list, &unit.applies, None);
-                per_class[c].push((list.clone(), u, a));
+        let mut per_class: Vec<Vec<(&[u32], usize, Bits)>> = vec![Vec::new(); self.classes.len()];
+        for g in &ctx.peers {
+            for (u, unit) in units.iter().enumerate().filter(|(_, u)| u.v6 == g.v6) {
+                let a = ctx.walk(&g.rules, &unit.applies, None);
+                per_class[g.class].push((&g.rules, u, a));
             }
         }
         let mut classes = Vec::with_capacity(self.classes.len());
@@ -621,7 +680,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
             }
             let refs: Vec<(&[u32], &[bool], Bits)> = pairs
                 .iter()
-                .map(|(l, u, a)| (l.as_slice(), units[*u].applies.as_slice(), a.clone()))
+                .map(|(l, u, a)| (*l, units[*u].applies.as_slice(), a.clone()))
                 .collect();
             classes.push(Some(self.settle(ctx, &refs, false)));
         }
@@ -672,17 +731,17 @@ impl<'r, 'a> Compiler<'r, 'a> {
             let (mut required, mut forbidden) = (Vec::new(), Vec::new());
             for (g, s) in ctx.groups.iter().zip(&allowed.groups) {
                 match s {
-                    Some(x) if x == spec => required.push(g.set()),
-                    Some(x) if !x.covers(spec) => forbidden.push(g.set()),
+                    Some(x) if x == spec => required.push(&g.set),
+                    Some(x) if !x.covers(spec) => forbidden.push(&g.set),
                     _ => {}
                 }
             }
             for (c, w) in want.iter().enumerate() {
                 if *w == Want::Off {
-                    forbidden.push(self.class_ips[c].clone());
+                    forbidden.push(&self.class_ips[c]);
                 }
             }
-            let union = |sets: Vec<IpSet>| {
+            let union = |sets: Vec<&IpSet>| {
                 let v4 = IntervalSet::from_ranges(
                     sets.iter().flat_map(|s| s.v4.ranges().iter().copied()),
                 );

@@ -246,7 +246,75 @@ pub fn pod_labels(res: &Resolved, pod: usize) -> BTreeMap<String, String> {
     labels
 }
 
+/// A pod's labels as the controller leaves them: its own labels, minus any managed key the
+/// controller did not grant, plus [`pod_labels`] (what `kube-nsg compile --with-pods` prints).
+pub fn labels_with_managed(res: &Resolved, pod: usize) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = res.inv.pods[pod]
+        .labels
+        .iter()
+        .filter(|(k, _)| !is_managed_label(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.extend(pod_labels(res, pod));
+    labels
+}
+
 /// Whether a label key is one the controller maintains (and so strips when it did not set it).
 pub fn is_managed_label(key: &str) -> bool {
     key.starts_with(ASG_LABEL_PREFIX) || key == NIC_NSG_LABEL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ASG_ANNOTATION, Asg, Inventory, Nsg, Pod};
+
+    #[test]
+    fn long_names_become_valid_label_values() {
+        assert_eq!(label_value("web"), "web");
+        let long = "a".repeat(70) + ".example";
+        let v = label_value(&long);
+        assert!(v.len() <= 63 && v.chars().last().unwrap().is_ascii_alphanumeric());
+        assert_ne!(label_value(&(long.clone() + "x")), v);
+        assert_eq!(asg_label_key("web"), "asg.kubensg.io/web");
+    }
+
+    #[test]
+    fn managed_labels_replace_what_the_controller_did_not_grant() {
+        let pod = Pod {
+            id: ObjectRef::new("a", "p"),
+            labels: BTreeMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("asg.kubensg.io/db".to_string(), "true".to_string()),
+                ("kubensg.io/nic-nsg".to_string(), "forged".to_string()),
+            ]),
+            annotations: BTreeMap::from([(ASG_ANNOTATION.to_string(), "web".to_string())]),
+            ips: vec![],
+            node_name: None,
+        };
+        let inv = Inventory {
+            asgs: vec![Asg {
+                id: ObjectRef::new("a", "web"),
+                pod_selector: None,
+            }],
+            nsgs: vec![Nsg {
+                id: ObjectRef::new("a", "g"),
+                created: None,
+                generation: None,
+                subnet: true,
+                pod_selector: None,
+                rules: vec![],
+            }],
+            pods: vec![pod],
+            ..Inventory::default()
+        };
+        let res = Resolved::new(&inv);
+        assert_eq!(
+            labels_with_managed(&res, 0),
+            BTreeMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("asg.kubensg.io/web".to_string(), "true".to_string()),
+            ])
+        );
+    }
 }

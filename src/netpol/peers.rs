@@ -88,8 +88,8 @@ impl Family<'_> {
                 let mut excepts = l.excepts;
                 excepts.extend(r.excepts);
                 let split_cost = l.cost + r.cost;
-                // On a tie, one block with excepts: fewer peers, fewer bytes.
-                if 1 + excepts.len() <= split_cost {
+                // One block with excepts costs 1 + excepts; on a tie it wins (fewer peers).
+                if excepts.len() < split_cost {
                     Cover {
                         blocks: vec![(block(), excepts.clone())],
                         cost: 1 + excepts.len(),

@@ -78,6 +78,15 @@ pub(crate) enum NpPorts {
     Some { tcp: PortList, udp: PortList },
 }
 
+/// `a ⊆ b`, without allocating (both are sorted, disjoint, merged ranges).
+fn subset(a: &IntervalSet, b: &IntervalSet) -> bool {
+    let r = b.ranges();
+    a.ranges().iter().all(|&(first, last)| {
+        let i = r.partition_point(|&(_, l)| l < first);
+        r.get(i).is_some_and(|&(f, l)| f <= first && last <= l)
+    })
+}
+
 fn full_ports() -> IntervalSet {
     IntervalSet::range(0, 65535)
 }
@@ -93,7 +102,7 @@ impl NpPorts {
             (NpPorts::All, _) => true,
             (NpPorts::Some { .. }, NpPorts::All) => false,
             (NpPorts::Some { tcp, udp }, NpPorts::Some { tcp: t2, udp: u2 }) => {
-                t2.is_subset(tcp) && u2.is_subset(udp)
+                subset(t2, tcp) && subset(u2, udp)
             }
         }
     }

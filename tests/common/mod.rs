@@ -398,3 +398,131 @@ pub fn pod_packet() -> impl Strategy<Value = Packet> {
         });
     prop_oneof![3 => between_pods, 1 => packet()]
 }
+
+fn busy_endpoint() -> impl Strategy<Value = Endpoint> {
+    let nets = vec![
+        "10.244.0.0/24",
+        "10.244.0.10/31",
+        "10.244.1.0/24",
+        "fd00:10:244::/124",
+        "fd00:10:244::12/127",
+        "8.8.8.0/24",
+        "2001:db8::/32",
+    ];
+    prop_oneof![
+        2 => Just(Endpoint::any()),
+        2 => select(vec!["VirtualNetwork", "Internet", "AzureLoadBalancer", "corp"])
+            .prop_map(|t| Endpoint::Prefixes(vec![AddressPrefix::Tag(t.to_string())])),
+        2 => prop::collection::vec(select(nets).prop_map(|n| AddressPrefix::Net(n.parse().unwrap())), 1..3)
+            .prop_map(Endpoint::Prefixes),
+        3 => prop::collection::vec(
+            (select(NAMESPACES.to_vec()), select(ASG_NAMES.to_vec()))
+                .prop_map(|(ns, n)| AsgRef { namespace: ns.into(), name: n.into() }),
+            1..3
+        ).prop_map(Endpoint::Asgs),
+    ]
+}
+
+/// Like `rule`, but with broad endpoints that match often and source ports restricted as
+/// often as not.
+pub fn busy_rule() -> impl Strategy<Value = SecurityRule> {
+    (rule(), busy_endpoint(), busy_endpoint(), ports()).prop_map(|(mut r, src, dst, sp)| {
+        r.source = src;
+        r.destination = dst;
+        if r.protocol != Protocol::Icmp {
+            r.source_ports = sp;
+        }
+        r
+    })
+}
+
+fn busy_nsg(index: usize) -> impl Strategy<Value = Nsg> {
+    (
+        select(NAMESPACES.to_vec()),
+        prop::bool::weighted(0.7),
+        prop::option::weighted(0.5, selector()),
+        prop::collection::vec(prop_oneof![1 => rule(), 3 => busy_rule()], 2..12),
+        prop::sample::subsequence((100u32..140).collect::<Vec<_>>(), 12),
+    )
+        .prop_map(move |(ns, subnet, pod_selector, mut rules, prios)| {
+            number_rules(&mut rules, &prios);
+            Nsg {
+                id: ObjectRef::new(ns, format!("nsg{index}")),
+                created: Some(format!("2026-01-01T00:00:0{index}Z")),
+                generation: Some(1),
+                subnet,
+                pod_selector,
+                rules,
+            }
+        })
+}
+
+/// Like `inventory`, but denser: every ASG exists, most namespaces have groups with many
+/// broad rules, so that user rules (not only the defaults) decide many flows.
+pub fn busy_inventory() -> impl Strategy<Value = Inventory> {
+    let all_asgs = prop::collection::vec(prop::option::of(selector()), 9).prop_map(|sels| {
+        let names = NAMESPACES
+            .iter()
+            .flat_map(|ns| ASG_NAMES.iter().map(move |n| (*ns, *n)));
+        names
+            .zip(sels)
+            .map(|((ns, n), pod_selector)| Asg {
+                id: ObjectRef::new(ns, n),
+                pod_selector,
+            })
+            .collect::<Vec<_>>()
+    });
+    (
+        inventory(),
+        all_asgs,
+        (2usize..6).prop_flat_map(|n| (0..n).map(busy_nsg).collect::<Vec<_>>()),
+    )
+        .prop_map(|(mut inv, asgs, nsgs)| {
+            inv.asgs = asgs;
+            inv.nsgs = nsgs;
+            inv
+        })
+}
+
+/// An inventory and a first packet whose ends are mostly its pods' addresses, with ports
+/// from the rules' pool.
+pub fn busy_case() -> impl Strategy<Value = (Inventory, Packet)> {
+    busy_inventory().prop_flat_map(|inv| {
+        let pod_ips: Vec<IpAddr> = inv.pods.iter().flat_map(|p| p.ips.clone()).collect();
+        let others: Vec<IpAddr> = OTHER_IPS.iter().map(|s| ip(s)).collect();
+        let end = prop_oneof![3 => select(pod_ips), 1 => select(others)];
+        (
+            Just(inv),
+            end.clone(),
+            end,
+            select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
+            prop_oneof![1 => Just(40000u16), 2 => select(PORTS.to_vec()), 1 => 0u16..2100],
+            prop_oneof![3 => select(PORTS.to_vec()), 1 => 0u16..2100],
+        )
+            .prop_map(|(inv, src, mut dst, protocol, src_port, dst_port)| {
+                // Two distinct ends of one family, without rejecting cases.
+                if src.is_ipv4() != dst.is_ipv4() || src == dst {
+                    let other = if src.is_ipv4() {
+                        ["8.8.8.8", "192.0.2.7"]
+                    } else {
+                        ["2001:db8::1", "fd00:10:244::13"]
+                    };
+                    dst = ip(if ip(other[0]) == src {
+                        other[1]
+                    } else {
+                        other[0]
+                    });
+                }
+                (
+                    inv,
+                    Packet {
+                        protocol,
+                        src,
+                        src_port,
+                        dst,
+                        dst_port,
+                    },
+                )
+            })
+    })
+}

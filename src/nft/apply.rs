@@ -1,0 +1,287 @@
+//! Applying scripts through `nft`, and reading the per-rule counters back. Synchronous: the
+//! agent calls it from a blocking task.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+
+use super::render::{Update, render_delete, render_replace, render_update};
+use super::ruleset::{RuleRef, Ruleset};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run {program:?} (is the nftables package installed?): {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("nft rejected the script ({status}): {stderr}")]
+    Rejected { status: String, stderr: String },
+    #[error("cannot read nft's JSON output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The kernel's nftables as the agent uses it.
+pub trait Nft {
+    /// Runs `script` as `nft -f` does: one transaction, all or nothing.
+    fn apply(&self, script: &str) -> Result<(), NftError>;
+    /// `nft -j list table inet TABLE`; `None` when there is no such table.
+    fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError>;
+}
+
+/// The real thing: runs the `nft` program.
+#[derive(Debug, Clone)]
+pub struct NftCommand {
+    pub program: String,
+    /// `nft -c`: the kernel checks the transaction and discards it.
+    pub check_only: bool,
+}
+
+impl Default for NftCommand {
+    fn default() -> Self {
+        NftCommand {
+            program: "nft".into(),
+            check_only: false,
+        }
+    }
+}
+
+impl NftCommand {
+    pub fn check() -> Self {
+        NftCommand {
+            check_only: true,
+            ..Default::default()
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<Output, NftError> {
+        let spawn_err = |source| NftError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
+        let mut child = Command::new(&self.program)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        if let Some(text) = stdin {
+            // A write error (nft exited early) shows in its exit status and stderr.
+            let _ = child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(text.as_bytes());
+        }
+        child.wait_with_output().map_err(spawn_err)
+    }
+}
+
+fn rejected(out: &Output) -> NftError {
+    NftError::Rejected {
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
+}
+
+impl Nft for NftCommand {
+    fn apply(&self, script: &str) -> Result<(), NftError> {
+        let args: &[&str] = if self.check_only {
+            &["-c", "-f", "-"]
+        } else {
+            &["-f", "-"]
+        };
+        let out = self.run(args, Some(script))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(rejected(&out))
+        }
+    }
+
+    fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError> {
+        let out = self.run(&["-j", "list", "table", "inet", table], None)?;
+        if out.status.success() {
+            Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+        } else if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
+            Ok(None)
+        } else {
+            Err(rejected(&out))
+        }
+    }
+}
+
+/// Records scripts instead of running them, for unit tests of code that applies.
+#[derive(Debug, Default)]
+pub struct FakeNft {
+    pub scripts: Mutex<Vec<String>>,
+    /// What `list_table_json` answers.
+    pub table_json: Mutex<Option<String>>,
+    /// Reject every script whose text contains this (to test fallbacks).
+    pub reject_containing: Mutex<Option<String>>,
+}
+
+impl FakeNft {
+    pub fn scripts(&self) -> Vec<String> {
+        self.scripts.lock().unwrap().clone()
+    }
+}
+
+impl Nft for FakeNft {
+    fn apply(&self, script: &str) -> Result<(), NftError> {
+        if let Some(bad) = self.reject_containing.lock().unwrap().as_deref()
+            && script.contains(bad)
+        {
+            return Err(NftError::Rejected {
+                status: "exit status: 1".into(),
+                stderr: format!("fake: rejects {bad:?}"),
+            });
+        }
+        self.scripts.lock().unwrap().push(script.to_string());
+        Ok(())
+    }
+
+    fn list_table_json(&self, _table: &str) -> Result<Option<String>, NftError> {
+        Ok(self.table_json.lock().unwrap().clone())
+    }
+}
+
+/// How a sync changed the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Unchanged,
+    Elements,
+    Replaced,
+}
+
+/// Brings the kernel from `current` (what was last applied; `None` after a start) to `new`,
+/// by element updates when only elements differ, else by one atomic replacement. An element
+/// update that fails (someone changed the table behind our back) falls back to replacing.
+/// On success `current` becomes `new`.
+pub fn sync(
+    nft: &dyn Nft,
+    current: &mut Option<Ruleset>,
+    new: Ruleset,
+) -> Result<Applied, NftError> {
+    let applied = match render_update(current.as_ref(), &new) {
+        Update::Unchanged => Applied::Unchanged,
+        Update::Elements(script) => match nft.apply(&script) {
+            Ok(()) => Applied::Elements,
+            Err(_) => {
+                *current = None;
+                nft.apply(&render_replace(&new))?;
+                Applied::Replaced
+            }
+        },
+        Update::Replace(script) => {
+            *current = None;
+            nft.apply(&script)?;
+            Applied::Replaced
+        }
+    };
+    *current = Some(new);
+    Ok(applied)
+}
+
+/// Removes the table (idempotent).
+pub fn delete_table(nft: &dyn Nft, table: &str) -> Result<(), NftError> {
+    nft.apply(&render_delete(table))
+}
+
+/// How often one NSG rule decided a new flow on this node since the table was last replaced.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCounter {
+    pub rule: RuleRef,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Per-rule counters from `nft -j list table` output, for the rules of `rs`.
+pub fn parse_counters(json: &str, rs: &Ruleset) -> Result<Vec<RuleCounter>, NftError> {
+    let doc: serde_json::Value = serde_json::from_str(json)?;
+    let mut out = Vec::new();
+    for item in doc["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let Some(rref) = rule["chain"].as_str().and_then(|c| rs.rule_chains.get(c)) else {
+            continue;
+        };
+        for expr in rule["expr"].as_array().into_iter().flatten() {
+            if let Some(c) = expr.get("counter") {
+                out.push(RuleCounter {
+                    rule: rref.clone(),
+                    packets: c["packets"].as_u64().unwrap_or(0),
+                    bytes: c["bytes"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rule.cmp(&b.rule));
+    Ok(out)
+}
+
+/// Reads the per-rule counters of the table `rs` was applied as (empty without the table).
+pub fn read_counters(nft: &dyn Nft, rs: &Ruleset) -> Result<Vec<RuleCounter>, NftError> {
+    match nft.list_table_json(&rs.table)? {
+        Some(json) => parse_counters(&json, rs),
+        None => Ok(vec![]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Access, Direction, ObjectRef};
+    use crate::nft::ruleset::Ruleset;
+
+    #[test]
+    fn counters_are_read_per_rule_chain() {
+        let rref = RuleRef {
+            nsg: ObjectRef::new("shop", "shop-subnet"),
+            direction: Direction::Inbound,
+            rule: "Deny-Database-All".into(),
+            priority: 120,
+            access: Access::Deny,
+        };
+        let rs = Ruleset {
+            table: "kube-nsg".into(),
+            sets: vec![],
+            chains: vec![],
+            rule_chains: [("in/shop/shop-subnet/120".to_string(), rref.clone())].into(),
+        };
+        // As `nft -j list table` prints it (abridged).
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "forward", "handle": 4,
+              "expr": [{"counter": {"packets": 99, "bytes": 1}}, {"accept": null}]}},
+            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "in/shop/shop-subnet/120", "handle": 9,
+              "comment": "shop/shop-subnet Deny-Database-All (inbound 120): deny",
+              "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}}]}"#;
+        let counters = parse_counters(json, &rs).unwrap();
+        assert_eq!(
+            counters,
+            vec![RuleCounter {
+                rule: rref,
+                packets: 3,
+                bytes: 180
+            }]
+        );
+    }
+
+    #[test]
+    fn the_fake_records_and_rejects() {
+        let fake = FakeNft::default();
+        fake.apply("add element inet t s { 1.2.3.4 }").unwrap();
+        *fake.reject_containing.lock().unwrap() = Some("delete".into());
+        assert!(matches!(
+            delete_table(&fake, "t"),
+            Err(NftError::Rejected { .. })
+        ));
+        assert_eq!(fake.scripts().len(), 1);
+    }
+}

@@ -1,0 +1,1301 @@
+//! From the resolved model to one node's table (see `super` for the layout).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use crate::model::{
+    AddressPrefix, AsgRef, Direction, Endpoint, IntervalSet, IpSet, PortRange, Protocol,
+    SecurityRule, WellKnownTag,
+};
+use crate::resolve::{Level, Resolved};
+
+use super::ruleset::*;
+
+/// The table the agent owns.
+pub const TABLE: &str = "kube-nsg";
+
+/// How a stage's rules become nftables statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Layout {
+    /// Disjoint intervals in verdict maps: a fixed number of lookups per packet.
+    #[default]
+    Maps,
+    /// One nftables rule per NSG rule (and address alternative), tried in order: the
+    /// readable, naive form whose cost grows with the rule count; kept as the baseline of the
+    /// benchmarks and as a second compilation the property tests check.
+    Linear,
+}
+
+/// Whether traffic between the node itself and its pods (kubelet probes come from the node
+/// IPs, which are the `AzureLoadBalancer` tag) is subject to the pods' groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum HostTraffic {
+    /// Input and output hooks run the pods' outbound and inbound stages too, as in Azure,
+    /// where a rule denying `AzureLoadBalancer` stops health probes.
+    #[default]
+    Enforce,
+    /// Only the forward hook: the node reaches its pods whatever the groups say.
+    Exempt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CompileOptions {
+    pub table: String,
+    pub layout: Layout,
+    pub host_traffic: HostTraffic,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            table: TABLE.into(),
+            layout: Layout::Maps,
+            host_traffic: HostTraffic::Enforce,
+        }
+    }
+}
+
+/// The table for the pods of `node` (`None`: every pod, as if the cluster were one node).
+pub fn compile(res: &Resolved, node: Option<&str>) -> Ruleset {
+    compile_with(res, node, &CompileOptions::default())
+}
+
+pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -> Ruleset {
+    let mut pod_ips: BTreeMap<Family, Vec<u128>> = BTreeMap::new();
+    for (p, pod) in res.inv.pods.iter().enumerate() {
+        for &ip in pod.ips.iter().filter(|ip| res.pod_by_ip(**ip) == Some(p)) {
+            pod_ips
+                .entry(family_of(ip))
+                .or_default()
+                .push(addr_value(ip));
+        }
+    }
+    for v in pod_ips.values_mut() {
+        v.sort_unstable();
+        v.dedup();
+    }
+    let sets = BTreeMap::new();
+    Compiler {
+        res,
+        opts,
+        stages: BTreeMap::new(),
+        asg_ips: BTreeMap::new(),
+        sets,
+        pod_ips,
+    }
+    .run(node)
+}
+
+/// Names must be nftables identifiers (letters, digits, `/ - _ .`) of at most 255 bytes.
+fn ident(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "/-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.len() <= 200 {
+        return clean;
+    }
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(s.as_bytes());
+    let hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hex}", &clean[..180])
+}
+
+fn dir_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Inbound => "in",
+        Direction::Outbound => "out",
+    }
+}
+
+/// Comments are limited to 128 bytes and must not contain quotes.
+fn comment(s: &str) -> String {
+    let mut c: String = s
+        .chars()
+        .map(|c| if c == '"' || c.is_control() { '_' } else { c })
+        .collect();
+    while c.len() > 128 {
+        c.pop();
+    }
+    c
+}
+
+/// The side of a rule the stage's own pod is on, and the other.
+fn sides(rule: &SecurityRule, d: Direction) -> (&Endpoint, &Endpoint) {
+    match d {
+        Direction::Inbound => (&rule.destination, &rule.source),
+        Direction::Outbound => (&rule.source, &rule.destination),
+    }
+}
+
+fn peer_side(d: Direction) -> Side {
+    match d {
+        Direction::Inbound => Side::Src,
+        Direction::Outbound => Side::Dst,
+    }
+}
+
+fn family_of(ip: IpAddr) -> Family {
+    if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+}
+
+fn family_set(s: &IpSet, fam: Family) -> &IntervalSet {
+    match fam {
+        Family::V4 => &s.v4,
+        Family::V6 => &s.v6,
+    }
+}
+
+fn addr_value(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// Matches every packet: protocol any and no port restriction.
+fn is_total(r: &SecurityRule) -> bool {
+    r.protocol == Protocol::Any && !r.restricts_ports()
+}
+
+fn all_ports(ranges: &[PortRange]) -> bool {
+    ranges.iter().any(PortRange::is_all)
+}
+
+/// A group and the direction of its rules.
+type StageKey = (usize, Direction);
+/// Stage chains, class chains, and the stage chain of each variant.
+type MapStage = (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>);
+/// Source-port segments of one destination-port interval, each with its deciding rule.
+type Row = Vec<((u16, u16), usize)>;
+
+/// One group in one direction, as the compiler sees it.
+struct Stage {
+    /// `in/NS/NAME`: the prefix of every chain and map of the stage.
+    base: String,
+    level_hint: String,
+    rules: Vec<StageRule>,
+}
+
+struct StageRule {
+    rule: SecurityRule,
+    /// The per-rule counting chain.
+    chain: String,
+    /// The addresses on the peer's side (ASG members and tags resolved).
+    peer: IpSet,
+    /// The same without ASG members: what holds for addresses that are no pod's.
+    peer_prefixes: IpSet,
+}
+
+/// One way an address can be on one side of a rule.
+enum Alt {
+    Any,
+    Set { name: String, negate: bool },
+    Literal(Vec<Span>),
+}
+
+/// Decision of one peer class: first-match rule (index into the stage's rules) per protocol,
+/// ports and source ports. A complete one decides every packet; a partial one decides only
+/// where the class's own (specific) rules win and leaves the rest to `fallback`, the complete
+/// decision of the broad rules (tags, any) that many classes share: so a broad rule's ports
+/// are written once per context, not once per class.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct ClassFn {
+    tcp: Vec<PortBox>,
+    udp: Vec<PortBox>,
+    icmp: Option<usize>,
+    other: Option<usize>,
+    fallback: Option<Box<ClassFn>>,
+}
+
+/// Disjoint boxes of (destination ports, source ports) that cover every pair.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct PortBox {
+    dport: (u16, u16),
+    sport: (u16, u16),
+    rule: usize,
+}
+
+impl ClassFn {
+    /// The rule deciding every packet of the class, if one does.
+    fn total(&self) -> Option<usize> {
+        let single = |b: &[PortBox]| (b.len() == 1).then(|| b[0].rule);
+        match (
+            single(&self.tcp),
+            single(&self.udp),
+            self.fallback.is_none(),
+        ) {
+            (Some(t), Some(u), true) if t == u && Some(t) == self.icmp && Some(t) == self.other => {
+                Some(t)
+            }
+            _ => None,
+        }
+    }
+
+    fn uses_sport(&self) -> bool {
+        self.tcp
+            .iter()
+            .chain(&self.udp)
+            .any(|b| b.sport != (0, 65535))
+    }
+}
+
+/// The classification of peer addresses one stage variant makes, per family: pod addresses
+/// whose class is their own (exact), then intervals for every other address.
+type Classification = BTreeMap<Family, (Vec<(u128, usize)>, Vec<(Span, usize)>)>;
+
+struct Compiler<'r, 'a> {
+    res: &'r Resolved<'a>,
+    opts: &'r CompileOptions,
+    stages: BTreeMap<(usize, Direction), Stage>,
+    asg_ips: BTreeMap<AsgRef, IpSet>,
+    sets: BTreeMap<String, Set>,
+    /// Every pod address of the cluster (peers may be on any node), sorted.
+    pod_ips: BTreeMap<Family, Vec<u128>>,
+}
+
+impl Compiler<'_, '_> {
+    fn run(mut self, node: Option<&str>) -> Ruleset {
+        let res = self.res;
+        // The node's pod addresses. An address another pod claims first is that pod's (as in
+        // the evaluator), and a node address is never a pod's: a host-network pod must not
+        // put the node's own traffic under its groups.
+        let mut local: BTreeMap<IpAddr, usize> = BTreeMap::new();
+        for (p, pod) in res.inv.pods.iter().enumerate() {
+            if node.is_some_and(|n| pod.node_name.as_deref() != Some(n)) {
+                continue;
+            }
+            for &ip in &pod.ips {
+                if res.pod_by_ip(ip) == Some(p) && !res.node_ips.contains(ip) {
+                    local.insert(ip, p);
+                }
+            }
+        }
+
+        // Each local address, per direction: its stages, each with the rules whose local side
+        // holds the address (a rule naming an ASG as the local side applies to members only).
+        type Variant = Vec<usize>;
+        let mut per_ip: BTreeMap<(Direction, IpAddr), Vec<(StageKey, Variant)>> = BTreeMap::new();
+        let mut variants: BTreeMap<(usize, Direction), BTreeSet<Variant>> = BTreeMap::new();
+        for d in [Direction::Inbound, Direction::Outbound] {
+            for (&ip, &p) in &local {
+                let stages = res.stages(p, d);
+                if stages.is_empty() {
+                    continue; // pods without a group are not touched
+                }
+                for &(level, nsg) in &stages {
+                    let key = (nsg, d);
+                    self.stage(key, level);
+                    let v: Variant = self.stages[&key]
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| res.endpoint_contains(sides(&r.rule, d).0, ip))
+                        .map(|(i, _)| i)
+                        .collect();
+                    variants.entry(key).or_default().insert(v.clone());
+                    per_ip.entry((d, ip)).or_default().push((key, v));
+                }
+            }
+        }
+
+        // Named sets every compiled rule refers to (both layouts keep them).
+        let keys: Vec<(usize, Direction)> = self.stages.keys().copied().collect();
+        for &key in &keys {
+            for i in 0..self.stages[&key].rules.len() {
+                let rule = self.stages[&key].rules[i].rule.clone();
+                for fam in Family::BOTH {
+                    self.alternatives(&rule.source, fam);
+                    self.alternatives(&rule.destination, fam);
+                }
+            }
+        }
+
+        // Stage chains, and for each variant the chain that runs it.
+        let mut stage_chains = Vec::new();
+        let mut class_chains = Vec::new();
+        let mut variant_chain: BTreeMap<((usize, Direction), Variant), String> = BTreeMap::new();
+        for (&key, vs) in &variants {
+            match self.opts.layout {
+                Layout::Linear => {
+                    let chain = self.linear_stage(key);
+                    for v in vs {
+                        variant_chain.insert((key, v.clone()), chain.name.clone());
+                    }
+                    stage_chains.push(chain);
+                }
+                Layout::Maps => {
+                    let (chains, classes, names) = self.map_stage(key, vs);
+                    variant_chain.extend(names.into_iter().map(|(v, n)| ((key, v), n)));
+                    stage_chains.extend(chains);
+                    class_chains.extend(classes);
+                }
+            }
+        }
+
+        // Pod chains: one per distinct sequence of stage chains.
+        let mut sequences: BTreeMap<(Direction, Vec<String>), Vec<IpAddr>> = BTreeMap::new();
+        for ((d, ip), stages) in &per_ip {
+            let seq = stages
+                .iter()
+                .map(|(k, v)| variant_chain[&(*k, v.clone())].clone())
+                .collect();
+            sequences.entry((*d, seq)).or_default().push(*ip);
+        }
+        let mut pod_chains = Vec::new();
+        let mut dispatch: BTreeMap<(Direction, Family), Vec<Element>> = BTreeMap::new();
+        let mut counts: BTreeMap<Direction, usize> = BTreeMap::new();
+        for ((d, seq), ips) in &sequences {
+            let n = counts.entry(*d).or_default();
+            let name = format!("pods-{}/{n}", dir_name(*d));
+            *n += 1;
+            let described: Vec<String> = per_ip[&(*d, ips[0])]
+                .iter()
+                .map(|((nsg, _), _)| self.stages[&(*nsg, *d)].level_hint.clone())
+                .collect();
+            let mut rules = vec![Rule::verdict(
+                vec![Match::CtState(vec![CtState::Invalid])],
+                Verdict::Drop,
+            )];
+            rules.extend(
+                seq.iter()
+                    .map(|s| Rule::verdict(vec![], Verdict::Jump(s.clone()))),
+            );
+            pod_chains.push(Chain {
+                name: name.clone(),
+                hook: None,
+                comment: Some(comment(&format!(
+                    "{}: {}",
+                    match d {
+                        Direction::Inbound => "inbound",
+                        Direction::Outbound => "outbound",
+                    },
+                    described.join(", then ")
+                ))),
+                rules,
+            });
+            for ip in ips {
+                let v = addr_value(*ip);
+                dispatch
+                    .entry((*d, family_of(*ip)))
+                    .or_default()
+                    .push(Element {
+                        key: vec![(v, v)],
+                        verdict: Some(Verdict::Jump(name.clone())),
+                    });
+            }
+        }
+        for d in [Direction::Inbound, Direction::Outbound] {
+            for fam in Family::BOTH {
+                let mut elements = dispatch.remove(&(d, fam)).unwrap_or_default();
+                elements.sort();
+                let name = format!("pods-{}.{}", dir_name(d), fam.suffix());
+                self.sets.insert(
+                    name.clone(),
+                    Set {
+                        name,
+                        key: vec![Field::Addr(fam, Side::Src).key_type()],
+                        is_map: true,
+                        interval: false,
+                        comment: Some(format!(
+                            "{} pod addresses of this node with a group",
+                            fam.suffix()
+                        )),
+                        elements,
+                    },
+                );
+            }
+        }
+
+        // Per-rule counting chains: every rule of every compiled stage, so the counters read
+        // like the groups (a shadowed rule shows 0).
+        let mut rule_chains = BTreeMap::new();
+        let mut counting = Vec::new();
+        for (&(nsg, d), stage) in &self.stages {
+            let id = &res.inv.nsgs[nsg].id;
+            for sr in &stage.rules {
+                let r = &sr.rule;
+                let verdict = match r.access {
+                    crate::model::Access::Allow => Verdict::Return,
+                    crate::model::Access::Deny => Verdict::Drop,
+                };
+                counting.push(Chain {
+                    name: sr.chain.clone(),
+                    hook: None,
+                    comment: None,
+                    rules: vec![Rule {
+                        matches: vec![],
+                        counter: true,
+                        action: Action::Verdict(verdict),
+                        comment: Some(comment(&format!(
+                            "{id} {} ({} {}): {}",
+                            r.name,
+                            match d {
+                                Direction::Inbound => "inbound",
+                                Direction::Outbound => "outbound",
+                            },
+                            r.priority,
+                            match r.access {
+                                crate::model::Access::Allow => "allow",
+                                crate::model::Access::Deny => "deny",
+                            }
+                        ))),
+                    }],
+                });
+                rule_chains.insert(
+                    sr.chain.clone(),
+                    RuleRef {
+                        nsg: id.clone(),
+                        direction: d,
+                        rule: r.name.clone(),
+                        priority: r.priority,
+                        access: r.access,
+                    },
+                );
+            }
+        }
+        counting.sort_by(|a, b| a.name.cmp(&b.name));
+
+        let mut chains = self.base_chains();
+        chains.extend(pod_chains);
+        chains.extend(stage_chains);
+        chains.extend(class_chains);
+        chains.extend(counting);
+        Ruleset {
+            table: self.opts.table.clone(),
+            sets: self.sets.into_values().collect(),
+            chains,
+            rule_chains,
+        }
+    }
+
+    fn base_chains(&self) -> Vec<Chain> {
+        let established = Rule::verdict(
+            vec![Match::CtState(vec![CtState::Established, CtState::Related])],
+            Verdict::Accept,
+        );
+        // Neighbour discovery between a pod and its host is link plumbing, not traffic a
+        // group filters (Azure exempts its platform traffic likewise).
+        let nd = Rule::verdict(vec![Match::Icmpv6Type(ND_TYPES.to_vec())], Verdict::Accept);
+        let dispatch = |d: Direction| {
+            let side = match d {
+                Direction::Outbound => Side::Src,
+                Direction::Inbound => Side::Dst,
+            };
+            Family::BOTH.map(|fam| {
+                Rule::new(
+                    vec![],
+                    Action::Vmap {
+                        key: vec![Field::Addr(fam, side)],
+                        map: MapRef::Named(format!("pods-{}.{}", dir_name(d), fam.suffix())),
+                    },
+                )
+            })
+        };
+        let base = |hook: Hook, comment: &str, mut rules: Vec<Rule>| {
+            rules.insert(0, established.clone());
+            Chain {
+                name: hook.name().into(),
+                hook: Some(hook),
+                comment: Some(comment.into()),
+                rules,
+            }
+        };
+        let mut forward = vec![];
+        forward.extend(dispatch(Direction::Outbound));
+        forward.extend(dispatch(Direction::Inbound));
+        let mut chains = vec![base(
+            Hook::Forward,
+            "routed traffic: the source pod's outbound stages, then the destination pod's inbound",
+            forward,
+        )];
+        if self.opts.host_traffic == HostTraffic::Enforce {
+            let mut input = vec![nd.clone()];
+            input.extend(dispatch(Direction::Outbound));
+            let mut output = vec![nd];
+            output.extend(dispatch(Direction::Inbound));
+            chains.push(base(
+                Hook::Input,
+                "pod to node: the pod's outbound stages",
+                input,
+            ));
+            chains.push(base(
+                Hook::Output,
+                "node to pod: the pod's inbound stages",
+                output,
+            ));
+        }
+        chains
+    }
+
+    /// Builds (once) the rules of a group in a direction.
+    fn stage(&mut self, key: (usize, Direction), level: Level) {
+        if self.stages.contains_key(&key) {
+            return;
+        }
+        let (nsg, d) = key;
+        let group = &self.res.inv.nsgs[nsg];
+        let base = ident(&format!(
+            "{}/{}/{}",
+            dir_name(d),
+            group.id.namespace,
+            group.id.name
+        ));
+        let mut used = BTreeSet::new();
+        let mut rules = Vec::new();
+        for rule in group.rules_for(d) {
+            let mut chain = ident(&format!("{base}/{}", rule.priority));
+            let mut n = 1;
+            while !used.insert(chain.clone()) {
+                chain = ident(&format!("{base}/{}-{n}", rule.priority)); // duplicate priority
+                n += 1;
+            }
+            let peer = self.endpoint_set(sides(&rule, d).1);
+            let peer_prefixes = match sides(&rule, d).1 {
+                Endpoint::Asgs(_) => IpSet::empty(),
+                Endpoint::Prefixes(_) => peer.clone(),
+            };
+            rules.push(StageRule {
+                rule,
+                chain,
+                peer,
+                peer_prefixes,
+            });
+        }
+        let level_hint = format!(
+            "{} {}",
+            match level {
+                Level::Subnet => "subnet",
+                Level::NetworkInterface => "network interface",
+            },
+            group.id
+        );
+        self.stages.insert(
+            key,
+            Stage {
+                base,
+                level_hint,
+                rules,
+            },
+        );
+    }
+
+    fn asg_set(&mut self, asg: &AsgRef) -> IpSet {
+        if let Some(s) = self.asg_ips.get(asg) {
+            return s.clone();
+        }
+        let res = self.res;
+        // An address is a member's when the pod it resolves to is a member (as in the evaluator).
+        let ips = res.members(asg).flat_map(|p| {
+            res.inv.pods[p]
+                .ips
+                .iter()
+                .copied()
+                .filter(move |ip| res.pod_by_ip(*ip) == Some(p))
+        });
+        let set = IpSet::from_ips(ips);
+        self.asg_ips.insert(asg.clone(), set.clone());
+        set
+    }
+
+    fn endpoint_set(&mut self, ep: &Endpoint) -> IpSet {
+        match ep {
+            Endpoint::Prefixes(ps) => ps
+                .iter()
+                .filter_map(|p| self.res.prefix_set(p))
+                .fold(IpSet::empty(), |a, b| a.union(&b)),
+            Endpoint::Asgs(asgs) => asgs
+                .iter()
+                .fold(IpSet::empty(), |a, asg| a.union(&self.asg_set(asg))),
+        }
+    }
+
+    /// Declares a named address set (both families) with the given members. ASG members are
+    /// listed one address each (`points`), so a pod joining is an element added, not a range
+    /// re-split.
+    fn named_set(&mut self, stem: &str, comment_text: &str, members: &IpSet, points: bool) {
+        for fam in Family::BOTH {
+            let name = format!("{stem}.{}", fam.suffix());
+            if self.sets.contains_key(&name) {
+                continue;
+            }
+            let ranges = family_set(members, fam).ranges();
+            let elements = if points {
+                ranges
+                    .iter()
+                    .flat_map(|&(a, b)| (a..=b).map(|v| (v, v)))
+                    .collect::<Vec<Span>>()
+            } else {
+                ranges.to_vec()
+            };
+            let elements = elements
+                .into_iter()
+                .map(|r| Element {
+                    key: vec![r],
+                    verdict: None,
+                })
+                .collect();
+            self.sets.insert(
+                name.clone(),
+                Set {
+                    name,
+                    key: vec![Field::Addr(fam, Side::Src).key_type()],
+                    is_map: false,
+                    // Points are hash sets: `nft` 1.0.6 fetches every element of every
+                    // interval set in the ruleset before any `add element`, so interval
+                    // sets of pod addresses make each membership change slow.
+                    interval: !points,
+                    comment: Some(comment(comment_text)),
+                    elements,
+                },
+            );
+        }
+    }
+
+    /// The ways an address of `fam` can be in `ep`; empty when none can.
+    fn alternatives(&mut self, ep: &Endpoint, fam: Family) -> Vec<Alt> {
+        let mut alts = Vec::new();
+        match ep {
+            Endpoint::Asgs(asgs) => {
+                for asg in asgs {
+                    if !self.res.asg_exists(asg) {
+                        continue; // names nothing: matches no address
+                    }
+                    let stem = ident(&format!("asg/{}/{}", asg.namespace, asg.name));
+                    let members = self.asg_set(asg);
+                    self.named_set(&stem, &format!("members of ASG {asg}"), &members, true);
+                    alts.push(Alt::Set {
+                        name: format!("{stem}.{}", fam.suffix()),
+                        negate: false,
+                    });
+                }
+            }
+            Endpoint::Prefixes(prefixes) => {
+                let mut literal = IpSet::empty();
+                for p in prefixes {
+                    match p {
+                        AddressPrefix::Any => return vec![Alt::Any],
+                        AddressPrefix::Net(n) => literal = literal.union(&IpSet::from_net(*n)),
+                        AddressPrefix::Tag(name) => {
+                            let Some(members) = self.res.prefix_set(p) else {
+                                continue;
+                            };
+                            let (stem, negate) = match WellKnownTag::parse(name) {
+                                Some(WellKnownTag::Internet) => {
+                                    // Internet is everything outside VirtualNetwork.
+                                    let vnet = self.res.virtual_network.clone();
+                                    self.tag_set(WellKnownTag::VirtualNetwork.name(), &vnet);
+                                    (format!("tag/{}", WellKnownTag::VirtualNetwork.name()), true)
+                                }
+                                Some(t) => (self.tag_set(t.name(), &members), false),
+                                None => (self.tag_set(&name.to_ascii_lowercase(), &members), false),
+                            };
+                            alts.push(Alt::Set {
+                                name: format!("{stem}.{}", fam.suffix()),
+                                negate,
+                            });
+                        }
+                    }
+                }
+                let spans = family_set(&literal, fam).ranges().to_vec();
+                if !spans.is_empty() {
+                    alts.push(Alt::Literal(spans));
+                }
+            }
+        }
+        alts
+    }
+
+    fn tag_set(&mut self, name: &str, members: &IpSet) -> String {
+        let stem = ident(&format!("tag/{name}"));
+        self.named_set(&stem, &format!("service tag {name}"), members, false);
+        stem
+    }
+
+    /// The naive layout: the rules in order, each a conjunction of set lookups.
+    fn linear_stage(&mut self, key: (usize, Direction)) -> Chain {
+        let (_, d) = key;
+        let n = self.stages[&key].rules.len();
+        let mut rules = Vec::new();
+        for i in 0..n {
+            let (rule, chain) = {
+                let sr = &self.stages[&key].rules[i];
+                (sr.rule.clone(), sr.chain.clone())
+            };
+            let (local_ep, peer_ep) = sides(&rule, d);
+            let (local_side, peer) = match d {
+                Direction::Inbound => (Side::Dst, Side::Src),
+                Direction::Outbound => (Side::Src, Side::Dst),
+            };
+            for fam in Family::BOTH {
+                let Some(proto) = linear_protocol(&rule, fam) else {
+                    continue;
+                };
+                let locals = self.alternatives(local_ep, fam);
+                let peers = self.alternatives(peer_ep, fam);
+                for l in &locals {
+                    for p in &peers {
+                        let mut matches = Vec::new();
+                        // Address matches also pin the family; a rule with neither side
+                        // restricted says so explicitly.
+                        let before = matches.len();
+                        push_alt(&mut matches, fam, local_side, l);
+                        push_alt(&mut matches, fam, peer, p);
+                        if matches.len() == before {
+                            matches.push(Match::Addr {
+                                family: fam,
+                                side: Side::Src,
+                                negate: false,
+                                set: AddrSet::Literal(vec![(0, fam.max())]),
+                            });
+                        }
+                        matches.extend(proto.iter().cloned());
+                        rules.push(Rule::verdict(matches, Verdict::Goto(chain.clone())));
+                    }
+                }
+            }
+        }
+        let stage = &self.stages[&key];
+        Chain {
+            name: stage.base.clone(),
+            hook: None,
+            comment: Some(comment(&stage.level_hint)),
+            rules,
+        }
+    }
+
+    /// The map layout of one group in one direction: per variant (set of rules whose local
+    /// side holds the pod), a classification of peer addresses into classes, and per class a
+    /// chain of port maps. Returns the stage chains, the class chains and each variant's chain.
+    fn map_stage(&mut self, key: (usize, Direction), variants: &BTreeSet<Vec<usize>>) -> MapStage {
+        let (_, d) = key;
+        let stage = &self.stages[&key];
+        let mut fns: Vec<ClassFn> = Vec::new();
+        let mut fn_ids: HashMap<ClassFn, usize> = HashMap::new();
+        let mut memo: HashMap<Vec<usize>, usize> = HashMap::new();
+        let mut id_of = |class: Vec<usize>| -> usize {
+            if let Some(&id) = memo.get(&class) {
+                return id;
+            }
+            let f = class_fn(&stage.rules, &class, d);
+            let mut intern = |f: ClassFn| {
+                let next = fns.len();
+                *fn_ids.entry(f.clone()).or_insert_with(|| {
+                    fns.push(f);
+                    next
+                })
+            };
+            if let Some(fb) = &f.fallback {
+                intern((**fb).clone());
+            }
+            let id = intern(f);
+            memo.insert(class, id);
+            id
+        };
+        // Pod addresses are scattered through the address space with their memberships, so
+        // they get exact (hash) entries where their class differs from the surrounding
+        // prefixes'; the interval map then holds only the structure of prefixes and tags, and
+        // pod churn never touches it.
+        let mut classified: Vec<(Vec<usize>, Classification)> = Vec::new();
+        for v in variants {
+            let mut cls = Classification::new();
+            for fam in Family::BOTH {
+                let mut intervals: Vec<(Span, usize)> = Vec::new();
+                for (span, class) in peer_atoms(&stage.rules, v, fam, true) {
+                    let id = id_of(class);
+                    match intervals.last_mut() {
+                        Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => {
+                            prev.1 = span.1
+                        }
+                        _ => intervals.push((span, id)),
+                    }
+                }
+                let full = peer_atoms(&stage.rules, v, fam, false);
+                let at = |items: &[(Span, usize)], x: u128| {
+                    items[items.partition_point(|(s, _)| s.1 < x)].1
+                };
+                let mut pods = Vec::new();
+                for &x in self.pod_ips.get(&fam).into_iter().flatten() {
+                    let class = full[full.partition_point(|(s, _)| s.1 < x)].1.clone();
+                    let id = id_of(class);
+                    if id != at(&intervals, x) {
+                        pods.push((x, id));
+                    }
+                }
+                cls.insert(fam, (pods, intervals));
+            }
+            classified.push((v.clone(), cls));
+        }
+
+        // Class chains, named in the order of their content so names do not depend on the
+        // order pods were seen in.
+        let mut order: Vec<usize> = (0..fns.len())
+            .filter(|&i| fns[i].total().is_none())
+            .collect();
+        order.sort_by(|&a, &b| fns[a].cmp(&fns[b]));
+        let mut target: Vec<String> = fns
+            .iter()
+            .map(|f| {
+                f.total()
+                    .map(|r| stage.rules[r].chain.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        for (k, &i) in order.iter().enumerate() {
+            target[i] = ident(&format!("{}/c{k}", stage.base));
+        }
+        let mut class_chains = Vec::new();
+        for &i in &order {
+            let fallback = fns[i]
+                .fallback
+                .as_ref()
+                .map(|fb| target[fn_ids[&**fb]].as_str());
+            class_chains.push(class_chain(&target[i], &fns[i], &stage.rules, fallback));
+        }
+
+        // Stage chains: variants whose classification came out the same share one.
+        // (family, exact pod entry, interval, target)
+        type Content = Vec<(Family, bool, Span, String)>;
+        let mut contents: BTreeMap<Content, Vec<Vec<usize>>> = BTreeMap::new();
+        for (v, cls) in classified {
+            let mut content = Content::new();
+            for (fam, (pods, intervals)) in &cls {
+                content.extend(
+                    pods.iter()
+                        .map(|(x, id)| (*fam, true, (*x, *x), target[*id].clone())),
+                );
+                content.extend(
+                    intervals
+                        .iter()
+                        .map(|(s, id)| (*fam, false, *s, target[*id].clone())),
+                );
+            }
+            contents.entry(content).or_default().push(v);
+        }
+        let single = contents.len() == 1;
+        let base = stage.base.clone();
+        let hint = stage.level_hint.clone();
+        // Rules that hold for some of the node's pods and not others tell the variants apart.
+        let all: BTreeSet<usize> = variants.iter().flatten().copied().collect();
+        let telling: Vec<usize> = all
+            .into_iter()
+            .filter(|i| !variants.iter().all(|v| v.contains(i)))
+            .collect();
+        let mut stage_chains = Vec::new();
+        let mut names = Vec::new();
+        for (k, (content, vs)) in contents.into_iter().enumerate() {
+            let name = if single {
+                base.clone()
+            } else {
+                ident(&format!("{base}/l{k}"))
+            };
+            let chain_comment = if single {
+                hint.clone()
+            } else {
+                let holding: Vec<&str> = telling
+                    .iter()
+                    .filter(|i| vs[0].contains(i))
+                    .map(|&i| stage.rules[i].rule.name.as_str())
+                    .collect();
+                if holding.is_empty() {
+                    let names: Vec<&str> = telling
+                        .iter()
+                        .map(|&i| stage.rules[i].rule.name.as_str())
+                        .collect();
+                    format!(
+                        "{hint}, pods outside the local side of: {}",
+                        names.join(", ")
+                    )
+                } else {
+                    format!("{hint}, pods on the local side of: {}", holding.join(", "))
+                }
+            };
+            let mut rules = Vec::new();
+            for fam in Family::BOTH {
+                for exact in [true, false] {
+                    let map = if exact {
+                        format!("{name}/pods.{}", fam.suffix())
+                    } else {
+                        format!("{name}.{}", fam.suffix())
+                    };
+                    let elements = content
+                        .iter()
+                        .filter(|(f, e, ..)| *f == fam && *e == exact)
+                        .map(|(_, _, s, t)| Element {
+                            key: vec![*s],
+                            verdict: Some(Verdict::Goto(t.clone())),
+                        })
+                        .collect();
+                    let what = if exact {
+                        "peer pods with classes of their own"
+                    } else {
+                        "peer classes"
+                    };
+                    self.sets.insert(
+                        map.clone(),
+                        Set {
+                            name: map.clone(),
+                            key: vec![Field::Addr(fam, Side::Src).key_type()],
+                            is_map: true,
+                            interval: !exact,
+                            comment: Some(comment(&format!("{hint}: {} {what}", fam.suffix()))),
+                            elements,
+                        },
+                    );
+                    rules.push(Rule::new(
+                        vec![],
+                        Action::Vmap {
+                            key: vec![Field::Addr(fam, peer_side(d))],
+                            map: MapRef::Named(map),
+                        },
+                    ));
+                }
+            }
+            stage_chains.push(Chain {
+                name: name.clone(),
+                hook: None,
+                comment: Some(comment(&chain_comment)),
+                rules,
+            });
+            names.extend(vs.into_iter().map(|v| (v, name.clone())));
+        }
+        (stage_chains, class_chains, names)
+    }
+}
+
+fn push_alt(matches: &mut Vec<Match>, family: Family, side: Side, alt: &Alt) {
+    match alt {
+        Alt::Any => {}
+        Alt::Set { name, negate } => matches.push(Match::Addr {
+            family,
+            side,
+            negate: *negate,
+            set: AddrSet::Named(name.clone()),
+        }),
+        Alt::Literal(spans) => matches.push(Match::Addr {
+            family,
+            side,
+            negate: false,
+            set: AddrSet::Literal(spans.clone()),
+        }),
+    }
+}
+
+/// The protocol and port matches of a rule in the linear layout; `None` when it can match no
+/// packet of the family.
+fn linear_protocol(rule: &SecurityRule, fam: Family) -> Option<Vec<Match>> {
+    let ports = |side, ranges: &[PortRange]| {
+        (!all_ports(ranges)).then(|| Match::Port {
+            side,
+            ranges: ranges.iter().map(|r| (r.first, r.last)).collect(),
+        })
+    };
+    let restricted = rule.restricts_ports();
+    if restricted && (rule.source_ports.is_empty() || rule.destination_ports.is_empty()) {
+        return None;
+    }
+    let protos = match rule.protocol {
+        Protocol::Tcp => vec![proto::TCP],
+        Protocol::Udp => vec![proto::UDP],
+        // ICMP has no ports: a rule that restricts them matches only TCP and UDP.
+        Protocol::Icmp if restricted => return None,
+        Protocol::Icmp => vec![fam.icmp()],
+        Protocol::Any if restricted => vec![proto::TCP, proto::UDP],
+        Protocol::Any => return Some(vec![]),
+    };
+    let mut m = vec![Match::L4Proto(protos)];
+    m.extend(ports(Side::Dst, &rule.destination_ports));
+    m.extend(ports(Side::Src, &rule.source_ports));
+    Some(m)
+}
+
+/// Splits the peer address space of `fam` into intervals over which the same rules of
+/// `variant` hold, each with those rules in order up to the first that matches every packet.
+fn peer_atoms(
+    rules: &[StageRule],
+    variant: &[usize],
+    fam: Family,
+    prefixes_only: bool,
+) -> Vec<(Span, Vec<usize>)> {
+    let mut events: Vec<(u128, bool, usize)> = Vec::new(); // (position, starts, rule)
+    for &i in variant {
+        let peer = if prefixes_only {
+            &rules[i].peer_prefixes
+        } else {
+            &rules[i].peer
+        };
+        for &(a, b) in family_set(peer, fam).ranges() {
+            events.push((a, true, i));
+            if b < fam.max() {
+                events.push((b + 1, false, i));
+            }
+        }
+    }
+    events.sort_unstable();
+    let mut active: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut out: Vec<(Span, Vec<usize>)> = Vec::new();
+    let mut e = 0;
+    let mut pos: u128 = 0;
+    loop {
+        while e < events.len() && events[e].0 == pos {
+            let (_, starts, i) = events[e];
+            if starts {
+                *active.entry(i).or_default() += 1;
+            } else if let Some(c) = active.get_mut(&i) {
+                *c -= 1;
+                if *c == 0 {
+                    active.remove(&i);
+                }
+            }
+            e += 1;
+        }
+        let end = if e < events.len() {
+            events[e].0 - 1
+        } else {
+            fam.max()
+        };
+        let mut class = Vec::new();
+        for &i in active.keys() {
+            class.push(i);
+            if is_total(&rules[i].rule) {
+                break;
+            }
+        }
+        match out.last_mut() {
+            Some((span, c)) if *c == class => span.1 = end,
+            _ => out.push(((pos, end), class)),
+        }
+        if end == fam.max() {
+            return out;
+        }
+        pos = end + 1;
+    }
+}
+
+/// The first-match decision of a class (rules in priority order, ending with a total one).
+fn complete_fn(rules: &[StageRule], class: &[usize]) -> ClassFn {
+    let first = |pred: &dyn Fn(&SecurityRule) -> bool| {
+        *class
+            .iter()
+            .find(|&&i| pred(&rules[i].rule))
+            .expect("every class ends with a rule matching everything (the default deny)")
+    };
+    ClassFn {
+        tcp: port_boxes(rules, class, Protocol::Tcp),
+        udp: port_boxes(rules, class, Protocol::Udp),
+        icmp: Some(first(&|r| {
+            r.protocol.covers(Protocol::Icmp) && !r.restricts_ports()
+        })),
+        other: Some(first(&|r| {
+            r.protocol == Protocol::Any && !r.restricts_ports()
+        })),
+        fallback: None,
+    }
+}
+
+/// A rule whose peer side is only `*` and service tags: it holds for whole contexts (the
+/// cluster, the Internet, the nodes) rather than for a few addresses.
+fn is_broad(sr: &StageRule, d: Direction) -> bool {
+    match sides(&sr.rule, d).1 {
+        Endpoint::Prefixes(ps) => ps.iter().all(|p| !matches!(p, AddressPrefix::Net(_))),
+        Endpoint::Asgs(_) => false,
+    }
+}
+
+/// The decision of a class, split into what its specific rules decide and the shared
+/// decision of its broad rules (see `ClassFn`).
+fn class_fn(rules: &[StageRule], class: &[usize], d: Direction) -> ClassFn {
+    let full = complete_fn(rules, class);
+    let specific: BTreeSet<usize> = class
+        .iter()
+        .copied()
+        .filter(|&i| !is_broad(&rules[i], d))
+        .collect();
+    let other = full.other.expect("complete");
+    if specific.is_empty() || specific.contains(&other) {
+        return full;
+    }
+    let broad: Vec<usize> = class
+        .iter()
+        .copied()
+        .filter(|i| !specific.contains(i))
+        .collect();
+    let own = |boxes: Vec<PortBox>| -> Vec<PortBox> {
+        boxes
+            .into_iter()
+            .filter(|b| specific.contains(&b.rule))
+            .collect()
+    };
+    ClassFn {
+        tcp: own(full.tcp),
+        udp: own(full.udp),
+        icmp: full.icmp.filter(|i| specific.contains(i)),
+        other: None,
+        fallback: Some(Box::new(complete_fn(rules, &broad))),
+    }
+}
+
+/// Sweeps `ranges` of each rule over 0..=65535: for every elementary interval, the rules
+/// (in order) whose ranges contain it.
+fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
+    let mut events: Vec<(u32, bool, usize)> = Vec::new();
+    for &(i, ranges) in items {
+        for r in ranges {
+            events.push((r.first as u32, true, i));
+            events.push((r.last as u32 + 1, false, i));
+        }
+    }
+    events.sort_unstable();
+    let mut active: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut out = Vec::new();
+    let (mut e, mut pos) = (0, 0u32);
+    while pos <= 65535 {
+        while e < events.len() && events[e].0 == pos {
+            let (_, starts, i) = events[e];
+            if starts {
+                *active.entry(i).or_default() += 1;
+            } else if let Some(c) = active.get_mut(&i) {
+                *c -= 1;
+                if *c == 0 {
+                    active.remove(&i);
+                }
+            }
+            e += 1;
+        }
+        let end = if e < events.len() {
+            events[e].0 - 1
+        } else {
+            65535
+        };
+        out.push(((pos as u16, end as u16), active.keys().copied().collect()));
+        pos = end + 1;
+    }
+    out
+}
+
+/// The first-match decision over (destination port, source port) for TCP or UDP.
+fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox> {
+    let cands: Vec<(usize, &[PortRange])> = class
+        .iter()
+        .filter(|&&i| rules[i].rule.protocol.covers(p))
+        .map(|&i| (i, rules[i].rule.destination_ports.as_slice()))
+        .collect();
+    let mut rows: Vec<((u16, u16), Row)> = Vec::new();
+    for (dspan, active) in sweep(&cands) {
+        // The rules that can decide here: up to the first without a source-port restriction.
+        let mut prefix = Vec::new();
+        for &i in &active {
+            prefix.push(i);
+            if all_ports(&rules[i].rule.source_ports) {
+                break;
+            }
+        }
+        let row: Vec<((u16, u16), usize)> = if prefix.len() == 1 {
+            vec![((0, 65535), prefix[0])]
+        } else {
+            let items: Vec<(usize, &[PortRange])> = prefix
+                .iter()
+                .map(|&i| (i, rules[i].rule.source_ports.as_slice()))
+                .collect();
+            let mut row: Vec<((u16, u16), usize)> = Vec::new();
+            for (sspan, act) in sweep(&items) {
+                let r = *act
+                    .first()
+                    .expect("the last rule of a class takes every source port");
+                match row.last_mut() {
+                    Some((s, last)) if *last == r => s.1 = sspan.1,
+                    _ => row.push((sspan, r)),
+                }
+            }
+            row
+        };
+        match rows.last_mut() {
+            Some((d, last)) if *last == row => d.1 = dspan.1,
+            _ => rows.push((dspan, row)),
+        }
+    }
+    rows.into_iter()
+        .flat_map(|(dport, row)| {
+            row.into_iter()
+                .map(move |(sport, rule)| PortBox { dport, sport, rule })
+        })
+        .collect()
+}
+
+/// A peer class's chain: TCP/UDP through one port map, ICMP and other protocols after; a
+/// partial class then goes on to its fallback's chain.
+fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&str>) -> Chain {
+    let goto = |r: usize| Verdict::Goto(rules[r].chain.clone());
+    let tcp_udp = Match::L4Proto(vec![proto::TCP, proto::UDP]);
+    let mut out = Vec::new();
+    if f.tcp.is_empty() && f.udp.is_empty() {
+        // Nothing decided here for TCP or UDP.
+    } else if f.fallback.is_none() && f.tcp == f.udp && f.tcp.len() == 1 {
+        out.push(Rule::verdict(vec![tcp_udp], goto(f.tcp[0].rule)));
+    } else {
+        let sport = f.uses_sport();
+        let mut key = vec![Field::L4Proto, Field::Port(Side::Dst)];
+        if sport {
+            key.push(Field::Port(Side::Src));
+        }
+        // The map is reached by TCP and UDP only, so when both decide alike one element
+        // covers both with the protocol interval tcp..udp.
+        let protos: Vec<(Span, &[PortBox])> = if f.tcp == f.udp {
+            vec![((proto::TCP as u128, proto::UDP as u128), &f.tcp)]
+        } else {
+            vec![
+                ((proto::TCP as u128, proto::TCP as u128), &f.tcp),
+                ((proto::UDP as u128, proto::UDP as u128), &f.udp),
+            ]
+        };
+        let mut elements = Vec::new();
+        for (p, boxes) in protos {
+            for b in boxes {
+                let mut k = vec![p, (b.dport.0 as u128, b.dport.1 as u128)];
+                if sport {
+                    k.push((b.sport.0 as u128, b.sport.1 as u128));
+                }
+                elements.push(Element {
+                    key: k,
+                    verdict: Some(goto(b.rule)),
+                });
+            }
+        }
+        elements.sort();
+        out.push(Rule::new(
+            vec![tcp_udp],
+            Action::Vmap {
+                key,
+                map: MapRef::Inline(elements),
+            },
+        ));
+    }
+    let icmp = Match::L4Proto(vec![proto::ICMP, proto::ICMPV6]);
+    match (f.icmp, f.other, fallback) {
+        (Some(i), Some(o), None) => {
+            if i != o {
+                out.push(Rule::verdict(vec![icmp], goto(i)));
+            }
+            out.push(Rule::verdict(vec![], goto(o)));
+        }
+        (i, None, Some(next)) => {
+            if let Some(i) = i {
+                out.push(Rule::verdict(vec![icmp], goto(i)));
+            }
+            out.push(Rule::verdict(vec![], Verdict::Goto(next.to_string())));
+        }
+        _ => unreachable!("a class is complete or has a fallback"),
+    }
+    Chain {
+        name: name.to_string(),
+        hook: None,
+        comment: None,
+        rules: out,
+    }
+}

@@ -1,0 +1,379 @@
+//! `nft -f` text from a `Ruleset`: the full definition, atomic replacement, element-only
+//! updates and removal. Deterministic: the same ruleset always gives the same bytes.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::ruleset::*;
+
+/// The table as `nft list table` would print it (without counters' values and handles).
+pub fn render(rs: &Ruleset) -> String {
+    let mut out = String::new();
+    writeln!(out, "table inet {} {{", rs.table).unwrap();
+    let mut first = true;
+    for set in &rs.sets {
+        if !first {
+            out.push('\n');
+        }
+        first = false;
+        render_set(&mut out, set);
+    }
+    for chain in &rs.chains {
+        if !first {
+            out.push('\n');
+        }
+        first = false;
+        render_chain(&mut out, chain);
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// One transaction that makes the table exactly `rs`, whatever was there before: adding the
+/// table first makes the delete succeed when it did not exist.
+pub fn render_replace(rs: &Ruleset) -> String {
+    format!(
+        "table inet {t}\ndelete table inet {t}\n{}",
+        render(rs),
+        t = rs.table
+    )
+}
+
+/// Removes the table; succeeds whether or not it exists (the agent's `--cleanup`).
+pub fn render_delete(table: &str) -> String {
+    format!("table inet {table}\ndelete table inet {table}\n")
+}
+
+/// What it takes to go from the table in the kernel to a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    Unchanged,
+    /// Only set and map elements differ: pod churn and membership changes.
+    Elements(String),
+    /// Chains or set declarations differ: the whole table, atomically.
+    Replace(String),
+}
+
+impl Update {
+    pub fn script(&self) -> Option<&str> {
+        match self {
+            Update::Unchanged => None,
+            Update::Elements(s) | Update::Replace(s) => Some(s),
+        }
+    }
+}
+
+/// The smallest script from `old` (what the kernel has; `None`: unknown) to `new`.
+pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
+    let Some(old) = old.filter(|o| o.same_structure(new)) else {
+        return Update::Replace(render_replace(new));
+    };
+    let mut deletes = String::new();
+    let mut adds = String::new();
+    for (o, n) in old.sets.iter().zip(&new.sets) {
+        let (before, after): (BTreeSet<&Element>, BTreeSet<&Element>) =
+            (o.elements.iter().collect(), n.elements.iter().collect());
+        // Deletes name keys only; a changed verdict is a delete then an add.
+        let gone: Vec<String> = before
+            .difference(&after)
+            .map(|e| {
+                element(
+                    &Element {
+                        key: e.key.clone(),
+                        verdict: None,
+                    },
+                    &n.key,
+                )
+            })
+            .collect();
+        let new_items: Vec<String> = after
+            .difference(&before)
+            .map(|e| element(e, &n.key))
+            .collect();
+        if !gone.is_empty() {
+            writeln!(
+                deletes,
+                "delete element inet {} {} {{ {} }}",
+                new.table,
+                n.name,
+                gone.join(", ")
+            )
+            .unwrap();
+        }
+        if !new_items.is_empty() {
+            writeln!(
+                adds,
+                "add element inet {} {} {{ {} }}",
+                new.table,
+                n.name,
+                new_items.join(", ")
+            )
+            .unwrap();
+        }
+    }
+    if deletes.is_empty() && adds.is_empty() {
+        Update::Unchanged
+    } else {
+        // Deletes first, so a re-split interval never overlaps its old self.
+        Update::Elements(deletes + &adds)
+    }
+}
+
+fn render_set(out: &mut String, set: &Set) {
+    let kind = if set.is_map { "map" } else { "set" };
+    writeln!(out, "\t{kind} {} {{", set.name).unwrap();
+    let key: Vec<&str> = set.key.iter().map(|k| type_name(*k)).collect();
+    let data = if set.is_map { " : verdict" } else { "" };
+    writeln!(out, "\t\ttype {}{data}", key.join(" . ")).unwrap();
+    if set.interval {
+        out.push_str("\t\tflags interval\n");
+    }
+    if let Some(c) = &set.comment {
+        writeln!(out, "\t\tcomment \"{c}\"").unwrap();
+    }
+    if !set.elements.is_empty() {
+        out.push_str("\t\telements = {\n");
+        for (i, e) in set.elements.iter().enumerate() {
+            let sep = if i + 1 < set.elements.len() { "," } else { "" };
+            writeln!(out, "\t\t\t{}{sep}", element(e, &set.key)).unwrap();
+        }
+        out.push_str("\t\t}\n");
+    }
+    out.push_str("\t}\n");
+}
+
+fn render_chain(out: &mut String, chain: &Chain) {
+    writeln!(out, "\tchain {} {{", chain.name).unwrap();
+    if let Some(hook) = chain.hook {
+        writeln!(
+            out,
+            "\t\ttype filter hook {} priority filter; policy accept;",
+            hook.name()
+        )
+        .unwrap();
+    }
+    if let Some(c) = &chain.comment {
+        writeln!(out, "\t\tcomment \"{c}\"").unwrap();
+    }
+    for rule in &chain.rules {
+        writeln!(out, "\t\t{}", rule_text(rule)).unwrap();
+    }
+    out.push_str("\t}\n");
+}
+
+/// One rule on one line.
+pub fn rule_text(rule: &Rule) -> String {
+    let mut parts: Vec<String> = rule.matches.iter().map(match_text).collect();
+    if rule.counter {
+        parts.push("counter".into());
+    }
+    parts.push(match &rule.action {
+        Action::Verdict(v) => verdict(v),
+        Action::Vmap { key, map } => {
+            let fields: Vec<&str> = key.iter().map(|f| field(*f)).collect();
+            let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
+            let map = match map {
+                MapRef::Named(n) => format!("@{n}"),
+                MapRef::Inline(elements) => {
+                    let items: Vec<String> = elements.iter().map(|e| element(e, &types)).collect();
+                    format!("{{ {} }}", items.join(", "))
+                }
+            };
+            format!("{} vmap {map}", fields.join(" . "))
+        }
+    });
+    if let Some(c) = &rule.comment {
+        parts.push(format!("comment \"{c}\""));
+    }
+    parts.join(" ")
+}
+
+fn match_text(m: &Match) -> String {
+    match m {
+        Match::CtState(states) => {
+            let s: Vec<&str> = states
+                .iter()
+                .map(|s| match s {
+                    CtState::Invalid => "invalid",
+                    CtState::Established => "established",
+                    CtState::Related => "related",
+                    CtState::New => "new",
+                })
+                .collect();
+            format!("ct state {}", s.join(","))
+        }
+        Match::L4Proto(ps) => format!("meta l4proto {}", list(ps.iter().map(|p| proto_name(*p)))),
+        Match::Icmpv6Type(ts) => {
+            format!("icmpv6 type {}", list(ts.iter().map(|t| icmpv6_type(*t))))
+        }
+        Match::Addr {
+            family,
+            side,
+            negate,
+            set,
+        } => {
+            let f = field(Field::Addr(*family, *side));
+            let op = if *negate { "!= " } else { "" };
+            let kt = Field::Addr(*family, *side).key_type();
+            let rhs = match set {
+                AddrSet::Named(n) => format!("@{n}"),
+                AddrSet::Literal(spans) => list(spans.iter().map(|s| key_part(*s, kt))),
+            };
+            format!("{f} {op}{rhs}")
+        }
+        Match::Port { side, ranges } => {
+            let f = field(Field::Port(*side));
+            format!(
+                "{f} {}",
+                list(
+                    ranges
+                        .iter()
+                        .map(|&(a, b)| key_part((a as u128, b as u128), KeyType::Port))
+                )
+            )
+        }
+    }
+}
+
+/// `x` or `{ x, y }`.
+fn list(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.len() == 1 {
+        items[0].clone()
+    } else {
+        format!("{{ {} }}", items.join(", "))
+    }
+}
+
+fn verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Return => "return".into(),
+        Verdict::Jump(c) => format!("jump {c}"),
+        Verdict::Goto(c) => format!("goto {c}"),
+    }
+}
+
+fn field(f: Field) -> &'static str {
+    match f {
+        Field::Addr(Family::V4, Side::Src) => "ip saddr",
+        Field::Addr(Family::V4, Side::Dst) => "ip daddr",
+        Field::Addr(Family::V6, Side::Src) => "ip6 saddr",
+        Field::Addr(Family::V6, Side::Dst) => "ip6 daddr",
+        Field::L4Proto => "meta l4proto",
+        Field::Port(Side::Src) => "th sport",
+        Field::Port(Side::Dst) => "th dport",
+    }
+}
+
+fn type_name(k: KeyType) -> &'static str {
+    match k {
+        KeyType::Ipv4 => "ipv4_addr",
+        KeyType::Ipv6 => "ipv6_addr",
+        KeyType::Proto => "inet_proto",
+        KeyType::Port => "inet_service",
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::ICMP => "icmp".into(),
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMPV6 => "ipv6-icmp".into(),
+        n => n.to_string(),
+    }
+}
+
+fn icmpv6_type(t: u8) -> String {
+    match t {
+        133 => "nd-router-solicit".into(),
+        134 => "nd-router-advert".into(),
+        135 => "nd-neighbor-solicit".into(),
+        136 => "nd-neighbor-advert".into(),
+        137 => "nd-redirect".into(),
+        n => n.to_string(),
+    }
+}
+
+fn element(e: &Element, types: &[KeyType]) -> String {
+    let parts: Vec<String> = e
+        .key
+        .iter()
+        .zip(types)
+        .map(|(s, t)| key_part(*s, *t))
+        .collect();
+    match &e.verdict {
+        Some(v) => format!("{} : {}", parts.join(" . "), verdict(v)),
+        None => parts.join(" . "),
+    }
+}
+
+/// An interval of one key part: a single value, a CIDR block when aligned, else `a-b`.
+fn key_part((a, b): Span, t: KeyType) -> String {
+    let addr = |v: u128| match t {
+        KeyType::Ipv4 => Ipv4Addr::from(v as u32).to_string(),
+        _ => Ipv6Addr::from(v).to_string(),
+    };
+    match t {
+        KeyType::Ipv4 | KeyType::Ipv6 => {
+            let bits = if t == KeyType::Ipv4 { 32 } else { 128 };
+            if a == b {
+                return addr(a);
+            }
+            let size = b.wrapping_sub(a).wrapping_add(1); // 0 = the whole IPv6 space
+            let aligned = size == 0 || (size.is_power_of_two() && a % size == 0);
+            if aligned {
+                let host = if size == 0 {
+                    128
+                } else {
+                    size.trailing_zeros()
+                };
+                format!("{}/{}", addr(a), bits - host)
+            } else {
+                format!("{}-{}", addr(a), addr(b))
+            }
+        }
+        KeyType::Proto if a == b => proto_name(a as u8),
+        KeyType::Proto | KeyType::Port if a == b => a.to_string(),
+        KeyType::Proto | KeyType::Port => format!("{a}-{b}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_parts_print_as_nft_lists_them() {
+        let v4 = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap()) as u128;
+        assert_eq!(
+            key_part((v4("10.0.0.1"), v4("10.0.0.1")), KeyType::Ipv4),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            key_part((v4("10.0.0.0"), v4("10.0.255.255")), KeyType::Ipv4),
+            "10.0.0.0/16"
+        );
+        assert_eq!(
+            key_part((v4("10.0.0.5"), v4("10.0.0.9")), KeyType::Ipv4),
+            "10.0.0.5-10.0.0.9"
+        );
+        assert_eq!(key_part((0, u32::MAX as u128), KeyType::Ipv4), "0.0.0.0/0");
+        assert_eq!(key_part((0, u128::MAX), KeyType::Ipv6), "::/0");
+        assert_eq!(key_part((6, 6), KeyType::Proto), "tcp");
+        assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
+        assert_eq!(key_part((80, 80), KeyType::Port), "80");
+        assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
+    }
+
+    #[test]
+    fn delete_is_idempotent_text() {
+        assert_eq!(
+            render_delete("kube-nsg"),
+            "table inet kube-nsg\ndelete table inet kube-nsg\n"
+        );
+    }
+}
