@@ -759,6 +759,17 @@ fn a_missing_asg_is_reported_and_the_rest_enforced() {
         serde_json::json!([format!("destination: asg:{n}/db")])
     );
     assert!(deny["expansion"].as_str().unwrap().contains("missing"));
+    // A rule that matches nothing can never decide: the analysis says so.
+    let anomalies = g["status"]["anomalies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        anomalies
+            .iter()
+            .any(|a| a["kind"] == "Shadowed" && a["rules"][0] == "deny-db"),
+        "{anomalies:?}"
+    );
     eventually("an InvalidReference event", T, || {
         (!events(n, "InvalidReference").is_empty()).then_some(())
     });
