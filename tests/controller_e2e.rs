@@ -73,47 +73,84 @@ fn events(ns: &str, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Applies an example directory and plays the kubelet for its pods: the status the YAML
-/// carries (dropped on create) is patched in through the status subresource.
-fn apply_example(dir: &str) {
+/// An example applied into namespaces of this test's own (the examples' fixed namespace
+/// names would collide with other runs sharing the control plane).
+struct Example {
+    namespaces: BTreeMap<String, TestNamespace>,
+}
+
+impl Example {
+    /// The namespace the example's namespace `name` was renamed to.
+    fn ns(&self, name: &str) -> &str {
+        &self.namespaces[name].name
+    }
+}
+
+/// Applies an example directory, renaming its namespaces, and plays the kubelet for its
+/// pods: the status the YAML carries (dropped on create) is patched in through the status
+/// subresource.
+fn apply_example(dir: &str) -> Example {
     let path = format!("{REPO}/examples/{dir}");
-    kubectl_ok(&["apply", "-f", &path]);
     let mut files: Vec<_> = std::fs::read_dir(&path)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
+    let mut docs: Vec<Value> = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-            if v["kind"] == "Namespace" {
-                scope_namespace(v["metadata"]["name"].as_str().unwrap());
-            }
-            if v["kind"] == "Pod" {
-                let ip = v
-                    .pointer("/status/podIP")
-                    .and_then(Value::as_str)
-                    .expect("example pods carry an IP");
-                set_pod_ip(
-                    v["metadata"]["namespace"].as_str().unwrap(),
-                    v["metadata"]["name"].as_str().unwrap(),
-                    ip,
-                );
+            if !v.is_null() {
+                docs.push(v);
             }
         }
     }
-}
-
-fn delete_namespaces(names: &[&str]) {
-    for n in names {
-        kubectl(&["delete", "namespace", n, "--wait=false"]);
+    let mut namespaces = BTreeMap::new();
+    for v in docs.iter().filter(|v| v["kind"] == "Namespace") {
+        let name = v["metadata"]["name"].as_str().unwrap().to_string();
+        namespaces.insert(name.clone(), TestNamespace::new(&name));
     }
-    for n in names {
-        eventually(&format!("namespace {n} to be gone"), T, || {
-            get_json(&["namespace", n]).is_none().then_some(())
-        });
+    let rename = |ns: &Value| -> Value { namespaces[ns.as_str().unwrap()].name.clone().into() };
+    let mut objects = Vec::new();
+    for mut v in docs.into_iter().filter(|v| v["kind"] != "Namespace") {
+        v["metadata"]["namespace"] = rename(&v["metadata"]["namespace"]);
+        for rule in v
+            .pointer_mut("/spec/securityRules")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            for side in [
+                "sourceApplicationSecurityGroups",
+                "destinationApplicationSecurityGroups",
+            ] {
+                for asg in rule[side].as_array_mut().into_iter().flatten() {
+                    if asg.get("namespace").is_some() {
+                        asg["namespace"] = rename(&asg["namespace"]);
+                    }
+                }
+            }
+        }
+        objects.push(v);
     }
+    let yaml: Vec<String> = objects
+        .iter()
+        .map(|v| serde_yaml_ng::to_string(v).unwrap())
+        .collect();
+    apply_ok(&yaml.join("---\n"));
+    for v in objects.iter().filter(|v| v["kind"] == "Pod") {
+        let ip = v
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .expect("example pods carry an IP");
+        set_pod_ip(
+            v["metadata"]["namespace"].as_str().unwrap(),
+            v["metadata"]["name"].as_str().unwrap(),
+            ip,
+        );
+    }
+    Example { namespaces }
 }
 
 #[test]
@@ -242,11 +279,11 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
 fn three_tier_example_gets_labels_policies_and_status() {
     cluster();
     let _serial = serial();
-    delete_namespaces(&["three-tier"]);
-    apply_example("three-tier");
+    let example = apply_example("three-tier");
+    let tt = example.ns("three-tier");
     let ctl = Controller::start("three-tier", &[]);
 
-    let nsg1 = eventually("nsg1 Ready", T, || nsg_ready("three-tier", "nsg1"));
+    let nsg1 = eventually("nsg1 Ready", T, || nsg_ready(tt, "nsg1"));
     for (pod, asg) in [
         ("web1", "asgweb"),
         ("web2", "asgweb"),
@@ -254,7 +291,7 @@ fn three_tier_example_gets_labels_policies_and_status() {
         ("db1", "asgdb"),
     ] {
         let labels = eventually(&format!("{pod} labelled"), T, || {
-            let l = pod_labels("three-tier", pod);
+            let l = pod_labels(tt, pod);
             l.contains_key(&format!("asg.kubensg.io/{asg}"))
                 .then_some(l)
         });
@@ -306,7 +343,7 @@ fn three_tier_example_gets_labels_policies_and_status() {
         http["expansion"]
             .as_str()
             .unwrap()
-            .contains("asg three-tier/asgweb (2 pods)"),
+            .contains(&format!("asg {tt}/asgweb (2 pods)")),
         "{http}"
     );
     assert!(
@@ -317,7 +354,7 @@ fn three_tier_example_gets_labels_policies_and_status() {
 
     // ASG status.
     let web = eventually("asgweb status", T, || {
-        let a = get_json(&["asg", "asgweb", "-n", "three-tier"])?;
+        let a = get_json(&["asg", "asgweb", "-n", tt])?;
         (a.pointer("/status/memberCount") == Some(&Value::from(2))).then_some(a)
     });
     assert_eq!(
@@ -326,12 +363,12 @@ fn three_tier_example_gets_labels_policies_and_status() {
     );
     assert_eq!(
         web["status"]["referencedBy"],
-        serde_json::json!(["three-tier/nsg1"])
+        serde_json::json!([format!("{tt}/nsg1")])
     );
 
     // NetworkPolicies: exactly the ones the status names, owned by nsg1, labelled, and with
     // the compiler's content.
-    let nps = policies("three-tier");
+    let nps = policies(tt);
     let named: Vec<String> = status["networkPolicies"]
         .as_array()
         .unwrap()
@@ -355,7 +392,7 @@ fn three_tier_example_gets_labels_policies_and_status() {
         assert_eq!(owner["controller"], true);
         assert_eq!(owner["blockOwnerDeletion"], true);
     }
-    assert_policies_match_compiler("three-tier");
+    assert_policies_match_compiler(tt);
 
     // /livez, /readyz and the documented metrics.
     assert_eq!(ctl.http("/livez").map(|r| r.0), Some(200));
@@ -375,7 +412,6 @@ fn three_tier_example_gets_labels_policies_and_status() {
         );
     }
     drop(ctl);
-    delete_namespaces(&["three-tier"]);
 }
 
 /// The NetworkPolicy specs the compiler makes for a namespace of the live inventory (as
@@ -458,40 +494,38 @@ fn assert_policies_match_compiler(ns: &str) {
 fn subnet_and_interface_groups_of_the_example() {
     cluster();
     let _serial = serial();
-    let namespaces = ["subnet1", "subnet2", "subnet3"];
-    delete_namespaces(&namespaces);
-    apply_example("subnet-and-nic");
+    let example = apply_example("subnet-and-nic");
+    let (subnet1, subnet2, subnet3) = (
+        example.ns("subnet1"),
+        example.ns("subnet2"),
+        example.ns("subnet3"),
+    );
     let _ctl = Controller::start("subnet-and-nic", &[]);
-    for (ns, name) in [
-        ("subnet1", "nsg1"),
-        ("subnet1", "nsg2"),
-        ("subnet2", "nsg2"),
-    ] {
+    for (ns, name) in [(subnet1, "nsg1"), (subnet1, "nsg2"), (subnet2, "nsg2")] {
         eventually(&format!("{ns}/{name} Ready"), T, || nsg_ready(ns, name));
     }
     let vm1 = eventually("vm1 bound to nsg2", T, || {
-        let l = pod_labels("subnet1", "vm1");
+        let l = pod_labels(subnet1, "vm1");
         (label(&l, "kubensg.io/nic-nsg") == Some("nsg2")).then_some(l)
     });
     assert!(!vm1.keys().any(|k| k.starts_with("asg.kubensg.io/")));
     assert_eq!(
-        label(&pod_labels("subnet2", "vm3"), "kubensg.io/nic-nsg"),
+        label(&pod_labels(subnet2, "vm3"), "kubensg.io/nic-nsg"),
         Some("nsg2")
     );
     assert_eq!(
-        label(&pod_labels("subnet1", "vm2"), "kubensg.io/nic-nsg"),
+        label(&pod_labels(subnet1, "vm2"), "kubensg.io/nic-nsg"),
         None
     );
-    let nsg1 = nsg_ready("subnet1", "nsg1").unwrap();
+    let nsg1 = nsg_ready(subnet1, "nsg1").unwrap();
     assert_eq!(nsg1["status"]["associatedPods"], 2);
-    let nsg2 = nsg_ready("subnet1", "nsg2").unwrap();
+    let nsg2 = nsg_ready(subnet1, "nsg2").unwrap();
     assert_eq!(nsg2["status"]["associatedPods"], 1);
-    for ns in ["subnet1", "subnet2"] {
+    for ns in [subnet1, subnet2] {
         assert_policies_match_compiler(ns);
     }
-    assert!(policy_names("subnet3").is_empty(), "no group, no policy");
+    assert!(policy_names(subnet3).is_empty(), "no group, no policy");
     drop(_ctl);
-    delete_namespaces(&namespaces);
 }
 
 /// A namespace with ASGs web and db, a subnet group using them, and pods.
