@@ -1103,3 +1103,68 @@ fn two_replicas_never_both_write() {
     drop(standby);
     delete_lease(&lease);
 }
+
+/// Deletes a cluster-scoped object when dropped.
+struct ClusterObject(&'static str, String);
+
+impl Drop for ClusterObject {
+    fn drop(&mut self) {
+        kubectl(&[
+            "delete",
+            self.0,
+            &self.1,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+    }
+}
+
+#[test]
+fn service_tags_expand_in_rules_and_report_their_references() {
+    cluster();
+    let _serial = serial();
+    let ns = TestNamespace::new("tags");
+    let n = ns.name.as_str();
+    let tag = unique("e2e-storage");
+    let _tag = ClusterObject("servicetag", tag.clone());
+    // Cluster-scoped: it carries the scope label so that this run's controller owns its status.
+    apply_ok(&format!(
+        "apiVersion: kubensg.io/v1alpha1\nkind: ServiceTag\nmetadata:\n  name: {tag}\n  labels: {{{SCOPE_LABEL}: {}}}\n\
+         spec:\n  addressPrefixes: [203.0.113.0/24, 198.51.100.7]\n",
+        scope_value()
+    ));
+    let rule = format!(
+        "{{name: to-storage, priority: 100, direction: Outbound, access: Allow, protocol: Tcp, \
+         sourceAddressPrefix: '*', destinationAddressPrefix: {tag}, destinationPortRange: '443'}}"
+    );
+    apply_ok(&nsg(n, "main", "subnet: true", &[&rule]));
+    create_pod(n, "p", &[("app", "x")], &[], "10.244.14.11");
+    let _ctl = Controller::start("tags", &[]);
+
+    let g = eventually("main Ready", T, || nsg_ready(n, "main"));
+    let r = g["status"]["effectiveRules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "to-storage")
+        .unwrap()
+        .clone();
+    assert!(
+        r["expansion"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{tag} (2 prefixes)")),
+        "{r}"
+    );
+    assert_eq!(condition(&g, "ResolvedRefs").unwrap()["status"], "True");
+    let t = eventually("the tag's status", T, || {
+        let t = get_json(&["servicetag", &tag])?;
+        (t.pointer("/status/prefixCount") == Some(&Value::from(2))).then_some(t)
+    });
+    assert_eq!(
+        t["status"]["referencedBy"],
+        serde_json::json!([format!("{n}/main")])
+    );
+    assert_eq!(condition(&t, "Accepted").unwrap()["status"], "True");
+    assert_policies_match_compiler(n);
+}

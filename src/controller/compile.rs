@@ -72,6 +72,10 @@ fn fidelity(f: &NpFidelity) -> Fidelity {
     }
 }
 
+/// How many anomalies a group's status lists (in rule order); the last one says how many
+/// more there are.
+pub const MAX_ANOMALIES: usize = 20;
+
 /// An anomaly as the status shows it. The analyzer's example flow is left out: it names pod
 /// addresses, and a status that changed with them would be rewritten on pod churn (the CLI's
 /// `analyze` shows it).
@@ -116,7 +120,17 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
         out.policies.push(DesiredPolicy::new(np, owner));
     }
     for (i, nsg) in res.inv.nsgs.iter().enumerate() {
-        let anomalies: Vec<RuleAnomaly> = analyze::analyze(res, i).iter().map(anomaly).collect();
+        let found = analyze::analyze(res, i);
+        let mut anomalies: Vec<RuleAnomaly> =
+            found.iter().take(MAX_ANOMALIES).map(anomaly).collect();
+        if let Some(last) = anomalies.last_mut()
+            && found.len() > MAX_ANOMALIES
+        {
+            last.message.push_str(&format!(
+                " ({} more anomalies: `kube-nsg analyze` lists them all)",
+                found.len() - MAX_ANOMALIES
+            ));
+        }
         if !anomalies.is_empty() {
             out.anomalies.insert(nsg.id.clone(), anomalies);
         }

@@ -136,7 +136,8 @@ pub struct ControllerArgs {
     /// Manage only the namespaces whose labels match (kubectl `-l` syntax: `k=v`, `k!=v`, `k`,
     /// `!k`, comma-separated): their NSGs, ASGs, pods and NetworkPolicies; the rest of the
     /// cluster is not part of the model (pods elsewhere count in VirtualNetwork only through
-    /// --virtual-network), and ServiceTag status is left to an unscoped controller.
+    /// --virtual-network). Of the (cluster-scoped) ServiceTags, all can be referenced, and
+    /// the status of those whose own labels match is written.
     #[arg(long, value_parser = inventory::parse_selector)]
     pub namespace_selector: Option<crate::model::LabelSelector>,
     /// Write requests in flight at once.

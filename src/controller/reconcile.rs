@@ -433,12 +433,13 @@ impl Reconciler {
             ));
         }
         // Service tags are cluster-scoped: a controller scoped to some namespaces sees only
-        // part of their references, so it leaves their status to an unscoped one.
-        let tags: &[Arc<ServiceTag>] = if self.settings.scope.is_some() {
-            &[]
-        } else {
-            &snap.tags
-        };
+        // part of their references, so it writes the status of the tags whose own labels
+        // match its selector, and leaves the others to the controller they belong to.
+        let scope = self.settings.scope.as_ref();
+        let tags = snap
+            .tags
+            .iter()
+            .filter(|t| scope.is_none_or(|sel| sel.matches(t.labels())));
         for obj in tags {
             let name = obj.name_any();
             let conds = status::asg_conditions(built.tag_errors.get(&name));

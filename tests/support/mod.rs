@@ -369,7 +369,12 @@ impl Controller {
             args.extend(["--lease-name".into(), lease.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_kube-nsg"))
+        // KUBE_NSG_E2E_WRAP runs the controller under a tool, e.g. "heaptrack -o /tmp/ht".
+        let wrap = std::env::var("KUBE_NSG_E2E_WRAP").unwrap_or_default();
+        let mut argv: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+        argv.push(env!("CARGO_BIN_EXE_kube-nsg").into());
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .args(&args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube_nsg=debug")
