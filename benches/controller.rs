@@ -324,6 +324,8 @@ fn main() {
         (w > 0.0 && ctl.writes() == w).then_some(())
     });
 
+    let with_pods = memory(pid);
+
     // 1. All NSGs applied at once → every NSG Ready.
     let t0 = Instant::now();
     rt.block_on(for_each(0..sizes.namespaces, |i| {
@@ -434,13 +436,13 @@ fn main() {
     // 4. No-op resyncs.
     let writes = ctl.writes();
     let passes = ctl.metric("kube_nsg_reconciles_total");
+    let time_spent = ctl.metric("kube_nsg_reconcile_duration_seconds_sum");
     std::thread::sleep(resync * 3 + Duration::from_secs(1));
     let noop_writes = ctl.writes() - writes;
     let noop_passes = ctl.metric("kube_nsg_reconciles_total") - passes;
-    let durations = ctl.metric("kube_nsg_reconcile_duration_seconds_sum")
-        / ctl
-            .metric("kube_nsg_reconcile_duration_seconds_count")
-            .max(1.0);
+    let noop_pass_time =
+        (ctl.metric("kube_nsg_reconcile_duration_seconds_sum") - time_spent) / noop_passes.max(1.0);
+    let compile_passes = ctl.metric("kube_nsg_compiles_total");
 
     let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
     let per_pod = mem.rss as f64 / pods_total as f64;
@@ -487,13 +489,26 @@ fn main() {
         mem.peak
     );
     println!(
+        "  growth with the pods alone:     {:>8.2} KiB   (RSS {} -> {} KiB with {pods_total} pods and their ASGs, before any NSG)",
+        (with_pods.rss as f64 - empty.rss as f64) / pods_total as f64,
+        empty.rss,
+        with_pods.rss,
+    );
+    println!(
+        "  growth with the NSGs:           {:>8.0} KiB per NSG of {} rules (RSS {} -> {} KiB)",
+        (mem.rss as f64 - with_pods.rss as f64) / total as f64,
+        sizes.rules,
+        with_pods.rss,
+        mem.rss,
+    );
+    println!(
         "writes during no-op resyncs:      {:>8} over {noop_passes} passes   (target 0)   {}",
         noop_writes,
         verdict(noop_writes == 0.0)
     );
     println!(
-        "mean reconcile pass:              {:>8.1} ms",
-        durations * 1000.0
+        "no-op pass (resync):              {:>8.1} ms mean; {compile_passes} passes of the run compiled",
+        noop_pass_time * 1000.0
     );
 
     drop(ctl);
