@@ -177,7 +177,15 @@ impl Elector {
     pub async fn run(mut self, tx: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let was_leader = *tx.borrow();
-            let leader = match self.try_acquire_or_renew().await {
+            // A round that hangs must not keep a leader leading past its deadline.
+            let round = tokio::time::timeout(self.cfg.renew_deadline, self.try_acquire_or_renew());
+            let result = match round.await {
+                Ok(result) => result,
+                Err(_) => Err(kube::Error::Service(
+                    "leader election round timed out".into(),
+                )),
+            };
+            let leader = match result {
                 Ok(true) => {
                     self.last_renew = Some(Instant::now());
                     true
