@@ -572,6 +572,19 @@ mod tests {
     }
 
     #[test]
+    fn compact_labels_look_up_like_a_map() {
+        let map: BTreeMap<String, String> = [("b", "2"), ("a", "1"), ("c", "3")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let labels = Labels::from_map(&map);
+        assert_eq!(labels.get("a"), Some("1"));
+        assert_eq!(labels.get("c"), Some("3"));
+        assert_eq!(labels.get("d"), None);
+        assert_eq!(labels.to_map(), map);
+    }
+
+    #[test]
     fn unchanged_entries_do_not_signal_and_relists_swap_atomically() {
         let c: Cache<u32> = Cache::new("T");
         assert!(!c.is_synced());

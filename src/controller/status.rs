@@ -748,6 +748,119 @@ mod tests {
         assert!(nsg_alerts(&obs, &desired).is_empty(), "already reported");
     }
 
+    fn group(name: &str, created: &str, rules: Vec<SecurityRule>) -> Nsg {
+        Nsg {
+            id: ObjectRef::new("ns", name),
+            created: Some(created.into()),
+            generation: Some(1),
+            subnet: true,
+            pod_selector: None,
+            rules,
+        }
+    }
+
+    fn rule_to_asg(asg: &str) -> SecurityRule {
+        use crate::model::{Access, Protocol};
+        SecurityRule {
+            name: "to-asg".into(),
+            description: None,
+            priority: 100,
+            direction: Direction::Inbound,
+            access: Access::Allow,
+            protocol: Protocol::Tcp,
+            source: Endpoint::any(),
+            source_ports: vec![PortRange::ALL],
+            destination: Endpoint::Asgs(vec![AsgRef {
+                namespace: "ns".into(),
+                name: asg.into(),
+            }]),
+            destination_ports: vec![PortRange::new(80, 80)],
+            is_default: false,
+        }
+    }
+
+    fn facts<'x>(id: &'x ObjectRef, model: usize, associated: usize) -> NsgFacts<'x> {
+        NsgFacts {
+            id,
+            generation: Some(1),
+            model: Some(model),
+            errors: None,
+            programmed: Programmed::Ok,
+            policies: vec![],
+            associated_pods: associated,
+            fidelity: None,
+            anomalies: vec![],
+        }
+    }
+
+    fn by_type<'c>(conds: &'c [Cond], t: &str) -> &'c Cond {
+        conds.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn the_younger_subnet_group_is_in_conflict_and_not_ready() {
+        let inv = crate::model::Inventory {
+            nsgs: vec![
+                group("old", "2024-01-01T00:00:00Z", vec![]),
+                group("young", "2024-06-01T00:00:00Z", vec![rule_to_asg("ghost")]),
+            ],
+            ..Default::default()
+        };
+        let res = Resolved::new(&inv);
+        let old = ObjectRef::new("ns", "old");
+        let young = ObjectRef::new("ns", "young");
+        let c = nsg_conditions(&res, &facts(&old, 0, 0));
+        assert!(!by_type(&c, CONFLICT).status);
+        assert!(by_type(&c, READY).status);
+        let c = nsg_conditions(&res, &facts(&young, 1, 0));
+        assert!(by_type(&c, CONFLICT).status);
+        assert_eq!(by_type(&c, CONFLICT).reason, "SubnetConflict");
+        assert!(by_type(&c, CONFLICT).message.contains("old"));
+        assert_eq!(by_type(&c, READY).reason, "Conflict");
+        let refs = by_type(&c, RESOLVED_REFS);
+        assert!(
+            !refs.status && refs.message.contains("asg:ns/ghost"),
+            "{refs:?}"
+        );
+        assert_eq!(
+            nsg_alerts(&[], &c)
+                .iter()
+                .map(|a| a.reason.as_str())
+                .collect::<Vec<_>>(),
+            vec!["InvalidReference", "Conflict"]
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_with_a_valid_past_is_not_ready_but_stays_in_force() {
+        let inv = crate::model::Inventory {
+            nsgs: vec![group("g", "2024-01-01T00:00:00Z", vec![])],
+            ..Default::default()
+        };
+        let res = Resolved::new(&inv);
+        let id = ObjectRef::new("ns", "g");
+        let errors = ValidationErrors(vec![crate::model::ValidationError {
+            object: "NetworkSecurityGroup ns/g".into(),
+            rule: Some("r".into()),
+            field: "spec.securityRules[0].sourceAddressPrefixes[0]".into(),
+            message: "host bits".into(),
+        }]);
+        let mut f = facts(&id, 0, 3);
+        f.errors = Some(&errors);
+        let c = nsg_conditions(&res, &f);
+        let accepted = by_type(&c, ACCEPTED);
+        assert!(!accepted.status);
+        assert!(
+            accepted.message.contains("generation 1 stays in force"),
+            "{accepted:?}"
+        );
+        assert_eq!(by_type(&c, READY).reason, "Invalid");
+        assert!(
+            by_type(&c, PROGRAMMED).status,
+            "the last valid generation is programmed"
+        );
+    }
+
     #[test]
     fn long_messages_are_bounded() {
         let c = Cond::new(READY, true, "Ready", "é".repeat(2000));
