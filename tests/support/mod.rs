@@ -369,7 +369,8 @@ impl Controller {
             args.extend(["--lease-name".into(), lease.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        // KUBE_NSG_E2E_WRAP runs the controller under a tool, e.g. "heaptrack -o /tmp/ht".
+        // KUBE_NSG_E2E_WRAP runs the controller under a tool, e.g. "heaptrack -o /tmp/ht"
+        // (the tool must pass signals on, or the controller outlives the test).
         let wrap = std::env::var("KUBE_NSG_E2E_WRAP").unwrap_or_default();
         let mut argv: Vec<String> = wrap.split_whitespace().map(String::from).collect();
         argv.push(env!("CARGO_BIN_EXE_kube-nsg").into());
