@@ -148,39 +148,31 @@ pub fn owned_conditions(observed: &[Condition], owned: &[&str]) -> Vec<Condition
     out
 }
 
-/// Descriptions of what rule endpoints stand for, computed once per pass.
+/// Descriptions of what rule endpoints stand for.
 pub struct Summaries<'r, 'a> {
     res: &'r Resolved<'a>,
-    nodes: usize,
-    configured_ranges: usize,
 }
 
 impl<'r, 'a> Summaries<'r, 'a> {
     pub fn new(res: &'r Resolved<'a>) -> Self {
-        Summaries {
-            res,
-            nodes: res.inv.node_ips.len(),
-            configured_ranges: res.inv.virtual_network.len(),
-        }
+        Summaries { res }
     }
 
-    /// Stable under pod churn on purpose: a status that counted every pod IP in
-    /// `VirtualNetwork` would be rewritten for every group whenever any pod starts.
+    /// Stable under pod and node churn on purpose: a status that counted the pod or node IPs
+    /// in `VirtualNetwork` would be rewritten for every group whenever a pod starts or a
+    /// node joins.
     fn prefix(&self, p: &AddressPrefix) -> String {
         match p {
             AddressPrefix::Any => "any address".into(),
             AddressPrefix::Net(n) => n.to_string(),
             AddressPrefix::Tag(t) => match WellKnownTag::parse(t) {
-                Some(WellKnownTag::VirtualNetwork) => format!(
-                    "VirtualNetwork ({} configured ranges, {} node IPs and every pod IP)",
-                    self.configured_ranges, self.nodes
-                ),
+                Some(WellKnownTag::VirtualNetwork) => {
+                    "VirtualNetwork (the cluster: configured ranges, node and pod IPs)".into()
+                }
                 Some(WellKnownTag::Internet) => {
                     "Internet (every address outside VirtualNetwork)".into()
                 }
-                Some(WellKnownTag::AzureLoadBalancer) => {
-                    format!("AzureLoadBalancer ({} node IPs)", self.nodes)
-                }
+                Some(WellKnownTag::AzureLoadBalancer) => "AzureLoadBalancer (the node IPs)".into(),
                 None => match self
                     .res
                     .inv
