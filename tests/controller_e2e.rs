@@ -437,10 +437,16 @@ fn compiled_policies(
             scope_value()
         ))
         .unwrap();
-        let mut live =
-            kube_nsg::controller::scoped_inventory_from_cluster(&client, &vn, Some(&scope))
-                .await
-                .unwrap();
+        let nodes =
+            kube_nsg::controller::inventory::parse_selector(&format!("{NODE_LABEL}=true")).unwrap();
+        let mut live = kube_nsg::controller::scoped_inventory_from_cluster(
+            &client,
+            &vn,
+            Some(&scope),
+            Some(&nodes),
+        )
+        .await
+        .unwrap();
         tweak(&mut live.inventory);
         let res = kube_nsg::resolve::Resolved::new(&live.inventory);
         kube_nsg::controller::compile::compile(&res, kube_nsg::controller::Mode::Strict)

@@ -142,6 +142,7 @@ impl PodEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEntry {
     pub name: String,
+    pub labels: Labels,
     pub internal_ips: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
 }
@@ -168,6 +169,7 @@ impl NodeEntry {
             .collect();
         Some(NodeEntry {
             name: node.name_any(),
+            labels: Labels::from_map(node.labels()),
             internal_ips,
             pod_cidrs,
         })

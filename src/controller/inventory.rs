@@ -39,7 +39,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// A snapshot of the caches, restricted to a namespace selector (see [`Snapshot::scope`]).
-    pub fn of(c: &Caches, scope: Option<&LabelSelector>) -> Self {
+    pub fn of(c: &Caches, scope: Option<&LabelSelector>, nodes: Option<&LabelSelector>) -> Self {
         let namespaces = c.namespaces.snapshot();
         let snap = Snapshot {
             nsgs: c.nsgs.snapshot(),
@@ -50,7 +50,12 @@ impl Snapshot {
                 .iter()
                 .map(|n| Arc::new(n.namespace.clone()))
                 .collect(),
-            nodes: c.nodes.snapshot(),
+            nodes: c
+                .nodes
+                .snapshot()
+                .into_iter()
+                .filter(|n| nodes.is_none_or(|sel| sel.matches(&n.labels.to_map())))
+                .collect(),
             policies: c.policies.snapshot(),
             terminating: namespaces
                 .iter()
@@ -280,15 +285,16 @@ pub async fn inventory_from_cluster(
     client: &Client,
     virtual_network: &[IpNet],
 ) -> Result<LiveInventory, kube::Error> {
-    scoped_inventory_from_cluster(client, virtual_network, None).await
+    scoped_inventory_from_cluster(client, virtual_network, None, None).await
 }
 
-/// [`inventory_from_cluster`] restricted to the namespaces a selector selects, as a
-/// controller with `--namespace-selector` sees it.
+/// [`inventory_from_cluster`] restricted to the namespaces and nodes selectors select, as a
+/// controller with `--namespace-selector` and `--node-selector` sees it.
 pub async fn scoped_inventory_from_cluster(
     client: &Client,
     virtual_network: &[IpNet],
     scope: Option<&LabelSelector>,
+    node_scope: Option<&LabelSelector>,
 ) -> Result<LiveInventory, kube::Error> {
     let snap = Snapshot {
         nsgs: list::<NetworkSecurityGroup, _>(client, nsg_entry).await?,
@@ -297,7 +303,11 @@ pub async fn scoped_inventory_from_cluster(
         pods: list::<ApiPod, _>(client, PodEntry::from_api).await?,
         namespaces: list::<ApiNamespace, _>(client, |n| namespace_entry(n).map(|e| e.namespace))
             .await?,
-        nodes: list::<Node, _>(client, NodeEntry::from_api).await?,
+        nodes: list::<Node, _>(client, NodeEntry::from_api)
+            .await?
+            .into_iter()
+            .filter(|n| node_scope.is_none_or(|sel| sel.matches(&n.labels.to_map())))
+            .collect(),
         policies: Vec::new(),
         terminating: HashSet::new(),
     }

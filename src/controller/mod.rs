@@ -176,6 +176,10 @@ pub struct ControllerArgs {
     /// the status of those whose own labels match is written.
     #[arg(long, value_parser = inventory::parse_selector)]
     pub namespace_selector: Option<crate::model::LabelSelector>,
+    /// Only the nodes whose labels match (same syntax) contribute their InternalIP addresses
+    /// (AzureLoadBalancer, VirtualNetwork) and pod CIDRs (VirtualNetwork). Default: all.
+    #[arg(long, value_parser = inventory::parse_selector)]
+    pub node_selector: Option<crate::model::LabelSelector>,
     /// Write requests in flight at once.
     #[arg(long, default_value = "16")]
     pub write_concurrency: usize,
@@ -298,6 +302,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         concurrency: args.write_concurrency.max(1),
         identity,
         scope: args.namespace_selector.clone(),
+        nodes: args.node_selector.clone(),
     };
     let mut reconciler = reconcile::Reconciler::new(
         client.clone(),

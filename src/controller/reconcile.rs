@@ -51,6 +51,8 @@ pub struct Settings {
     pub identity: String,
     /// Only the namespaces this selects are managed (`--namespace-selector`).
     pub scope: Option<LabelSelector>,
+    /// Only the nodes this selects contribute addresses (`--node-selector`).
+    pub nodes: Option<LabelSelector>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +166,11 @@ impl Reconciler {
             last: Some(Instant::now()),
             phases: Vec::new(),
         };
-        let snap = Snapshot::of(&self.caches, self.settings.scope.as_ref());
+        let snap = Snapshot::of(
+            &self.caches,
+            self.settings.scope.as_ref(),
+            self.settings.nodes.as_ref(),
+        );
         let built = inventory::build(&snap, &self.settings.virtual_network, &mut self.last_valid);
         timer.mark("build");
         let inventory_digest = digest::of_stream(&built.inventory);

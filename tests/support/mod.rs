@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
-pub const NODE: &str = "kube-nsg-e2e";
+pub const NODE: &str = "kube-nsg-e2e-controller";
 pub const NODE_IP: &str = "172.18.0.2";
+/// The label of the test node; controllers count only the nodes that carry it
+/// (`--node-selector`), so nodes other suites register and remove do not change their model.
+pub const NODE_LABEL: &str = "kubensg.io/e2e-node";
 pub const VIRTUAL_NETWORK: &str = "10.244.0.0/16,10.96.0.0/16";
 
 pub fn kubeconfig() -> PathBuf {
@@ -58,7 +61,7 @@ pub fn cluster() {
             return Err(format!("CRDs not established: {}", String::from_utf8_lossy(&est.stderr)));
         }
         let node = format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels: {{kubernetes.io/hostname: {NODE}}}\n"
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels: {{kubernetes.io/hostname: {NODE}, {NODE_LABEL}: 'true'}}\n"
         );
         apply(&node).map_err(|e| format!("creating the test Node: {e}"))?;
         let status = format!(r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{NODE_IP}"}}]}}}}"#);
@@ -363,6 +366,8 @@ impl Controller {
         args.extend([
             "--namespace-selector".into(),
             format!("{SCOPE_LABEL}={}", scope_value()),
+            "--node-selector".into(),
+            format!("{NODE_LABEL}=true"),
         ]);
         let own_lease = (!extra.contains(&"--lease-name")).then(|| unique("kube-nsg-e2e"));
         if let Some(lease) = &own_lease {
