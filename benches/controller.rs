@@ -435,6 +435,7 @@ fn main() {
 
     // 4. No-op resyncs.
     let writes = ctl.writes();
+    let writes_text = ctl.metrics();
     let passes = ctl.metric("kube_nsg_reconciles_total");
     let time_spent = ctl.metric("kube_nsg_reconcile_duration_seconds_sum");
     let compiles_before = ctl.metric("kube_nsg_compiles_total");
@@ -442,6 +443,13 @@ fn main() {
     // Another suite on the same control plane can change what every controller sees
     // (nodes are cluster-wide): then the window was not a no-op, and says so.
     let outside_changes = ctl.metric("kube_nsg_compiles_total") - compiles_before;
+    if ctl.writes() != writes {
+        println!(
+            "writes before the no-op window:\n  {}\nafter:\n  {}",
+            writes_by_resource(&writes_text),
+            writes_by_resource(&ctl.metrics())
+        );
+    }
     let noop_writes = ctl.writes() - writes;
     let noop_passes = ctl.metric("kube_nsg_reconciles_total") - passes;
     let noop_pass_time =
