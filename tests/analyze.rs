@@ -370,7 +370,7 @@ fn anomalies_serialize_camel_case() {
     assert_eq!(
         serde_json::to_value(&a).unwrap(),
         json!({
-            "nsg": {"namespace": "a", "name": "g"},
+            "nsg": "a/g",
             "direction": "Inbound",
             "kind": "Shadowed",
             "rule": "allow-lab",

@@ -10,6 +10,8 @@ cargo clippy --all-targets -- -D warnings
 shellcheck -x tests/*.sh tests/*/*.sh .ci/run
 cargo build --release --bins
 bash tests/image.sh
-# One test binary at a time shares the one local control plane; tests inside a binary
-# use their own namespaces.
-cargo test --all-targets -- --test-threads=2
+bash tests/helm.sh
+# Benchmarks are built by clippy above and run by `cargo bench`, not here: their figures
+# need a release build and a quiet machine. Test binaries run one at a time (they share the
+# local control plane and the host's network); tests inside one use their own namespaces.
+cargo test --lib --bins --tests --examples -- --test-threads=2

@@ -975,7 +975,7 @@ fn report_serializes_camel_case_with_reasons() {
     assert_eq!(
         report[0],
         json!({
-            "nsg": {"namespace": "a", "name": "g"},
+            "nsg": "a/g",
             "rule": "ping",
             "priority": 100,
             "direction": "Inbound",

@@ -647,7 +647,10 @@ impl Compiler<'_, '_> {
                     name,
                     key: vec![Field::Addr(fam, Side::Src).key_type()],
                     is_map: false,
-                    interval: true,
+                    // Points are hash sets: `nft` 1.0.6 fetches every element of every
+                    // interval set in the ruleset before any `add element`, so interval
+                    // sets of pod addresses make each membership change slow.
+                    interval: !points,
                     comment: Some(comment(comment_text)),
                     elements,
                 },

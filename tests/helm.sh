@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The Helm chart and the plain manifests against the real API server: lint, render, the
+# committed copies in sync, install / upgrade / uninstall with Helm, and kubectl apply of
+# deploy/. Every object must be accepted by the real kube-apiserver (pods stay Pending: there
+# is no kubelet).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+helm="$(bash tests/cluster/helm.sh)"
+bash tests/cluster/up.sh >/dev/null
+export KUBECONFIG=/tmp/kube-nsg-cluster/kubeconfig
+ns=kube-nsg-helm-$$
+fail() { echo "helm test: $*" >&2; exit 1; }
+cleanup() {
+  "$helm" uninstall kube-nsg -n "$ns" >/dev/null 2>&1 || true
+  kubectl delete ns "$ns" kube-nsg --ignore-not-found --wait=false >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+"$helm" lint --strict charts/kube-nsg
+cmp -s crds/kube-nsg.yaml charts/kube-nsg/crds/kube-nsg.yaml ||
+  fail "charts/kube-nsg/crds differs from crds/: run make generate"
+bash tests/render-deploy.sh | cmp -s - deploy/kube-nsg.yaml ||
+  fail "deploy/kube-nsg.yaml is stale: run make generate"
+# The values schema rejects what the chart cannot use.
+if "$helm" template x charts/kube-nsg --set controller.mode=lenient >/dev/null 2>&1; then
+  fail "values.schema.json accepted controller.mode=lenient"
+fi
+"$helm" template x charts/kube-nsg --set serviceMonitor.enabled=true | grep -q "kind: ServiceMonitor" ||
+  fail "serviceMonitor.enabled renders no ServiceMonitor"
+
+kubectl create namespace "$ns" >/dev/null
+# Other tests applied the CRDs with kubectl: take them over.
+"$helm" install kube-nsg charts/kube-nsg -n "$ns" --force-conflicts --set virtualNetwork='{10.244.0.0/16,10.96.0.0/16}'
+kubectl -n "$ns" get deployment/kube-nsg-controller daemonset/kube-nsg-agent >/dev/null
+"$helm" upgrade kube-nsg charts/kube-nsg -n "$ns" --set controller.mode=permissive --set controller.replicas=1
+[[ $(kubectl -n "$ns" get deployment kube-nsg-controller -o jsonpath='{.spec.template.spec.containers[0].args}') == *--mode=permissive* ]] ||
+  fail "upgrade did not change the controller's mode"
+"$helm" uninstall kube-nsg -n "$ns" --wait
+left=$(kubectl get clusterrole,clusterrolebinding -o name | grep kube-nsg || true)
+[[ -z $left ]] || fail "uninstall left $left"
+# Helm keeps CRDs on uninstall by design (see README: upgrading CRDs).
+kubectl get crd networksecuritygroups.kubensg.io >/dev/null
+
+# deploy/ installs into the namespace kube-nsg; wait out a previous run's deletion of it.
+kubectl wait --for=delete namespace/kube-nsg --timeout=120s >/dev/null 2>&1 || true
+kubectl apply --server-side --force-conflicts -f deploy/kube-nsg.yaml >/dev/null
+kubectl -n kube-nsg get deployment/kube-nsg-controller daemonset/kube-nsg-agent >/dev/null
+# Remove what deploy/ created except the CRDs: deleting those would delete every group of
+# the cluster, and other tests share this control plane.
+kubectl delete clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kube-nsg >/dev/null
+kubectl delete namespace kube-nsg --wait=false >/dev/null
+echo "helm test: lint, render, install, upgrade, uninstall and deploy/ all accepted"
