@@ -61,8 +61,11 @@ fn spec() -> ProbeSpec {
 
 /// Everything a test needs: the cluster, the CRDs, the report namespace, no table left by
 /// someone else.
-async fn setup() -> kube::Client {
+async fn setup(namespaces: &[&str]) -> kube::Client {
     let client = client().await;
+    for ns in namespaces {
+        wait_namespace_usable(ns);
+    }
     ensure_crds();
     ensure_namespace(REPORT_NS);
     let _ = std::process::Command::new("nft")
@@ -90,8 +93,8 @@ fn delete_namespaces(names: &[&str]) {
 async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    let client = setup().await;
     let ns = "agent-e2e-3tier";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 71);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -179,7 +182,12 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subnet_and_nic_matches_the_evaluator() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
+    let client = setup(&[
+        "agent-e2e-subnet1",
+        "agent-e2e-subnet2",
+        "agent-e2e-subnet3",
+    ])
+    .await;
     let dir = copy_example(
         "subnet-and-nic",
         "subnet-and-nic",
@@ -230,8 +238,8 @@ fn seeds() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_scenarios_match_the_evaluator() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let layout = Layout::new("agent-e2e-rand", 90);
+    let client = setup(&[&layout.a, &layout.b]).await;
     let root = std::env::temp_dir().join("kube-nsg-agent-e2e-random");
     let _ = std::fs::remove_dir_all(&root);
     let pods = layout.write_pods(&root);
@@ -257,7 +265,7 @@ async fn random_scenarios_match_the_evaluator() {
             let _ = std::process::Command::new("kubectl")
                 .args([
                     "delete",
-                    "nsg",
+                    "networksecuritygroups.kubensg.io",
                     &n.name,
                     "-n",
                     &n.namespace,
@@ -333,8 +341,8 @@ fn without_rule(dir: &std::path::Path, rule: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_rule_keeps_established_connections() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-established";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 72);
     let lab = Lab::up(std::slice::from_ref(&dir), &client)
         .await
@@ -393,8 +401,8 @@ async fn removing_a_rule_keeps_established_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-restart";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 73);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -479,8 +487,8 @@ async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_nsg_restores_full_connectivity() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-delete";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 74);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -501,7 +509,13 @@ async fn deleting_an_nsg_restores_full_connectivity() {
         "the group denies something"
     );
 
-    kubectl(&["delete", "nsg", "nsg1", "-n", ns]);
+    kubectl(&[
+        "delete",
+        "networksecuritygroups.kubensg.io",
+        "nsg1",
+        "-n",
+        ns,
+    ]);
     wait_programmed(&client, REPORT_NS, &[], &[nsg], &agent).await;
     let mut open = inventory.clone();
     open.nsgs.clear();
@@ -523,8 +537,8 @@ async fn deleting_an_nsg_restores_full_connectivity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-churn";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 75);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -610,6 +624,16 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
         metric(&m, "kube_nsg_agent_drift_repairs_total").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
+    // No kubelet confirms the deletion of a pod bound to a node: force it.
+    kubectl(&[
+        "delete",
+        "pod",
+        "web9",
+        "-n",
+        ns,
+        "--grace-period=0",
+        "--force",
+    ]);
     drop(agent);
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
@@ -681,8 +705,8 @@ impl Drop for ApiRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-offline";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 76);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -742,8 +766,8 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     let _serial = SERIAL.lock().await;
-    let client = setup().await;
     let ns = "agent-e2e-cleanup";
+    let client = setup(&[ns]).await;
     let dir = three_tier(ns, 77);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");

@@ -94,7 +94,29 @@ pub fn ensure_crds() {
     }
 }
 
+/// Waits while a namespace of an earlier run is still being deleted.
+pub fn wait_namespace_usable(name: &str) {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("kubectl")
+            .args(["get", "namespace", name, "-o", "jsonpath={.status.phase}"])
+            .env("KUBECONFIG", KUBECONFIG)
+            .output()
+            .expect("running kubectl");
+        let phase = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || phase != "Terminating" {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "namespace {name} is still terminating after 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn ensure_namespace(name: &str) {
+    wait_namespace_usable(name);
     let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
     apply_yaml(&yaml);
 }
