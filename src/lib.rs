@@ -7,6 +7,7 @@ pub mod agent;
 pub mod analyze;
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod effective;
 pub mod eval;
 pub mod import;

@@ -17,7 +17,8 @@ use crate::resolve::Resolved;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Inputs {
     /// YAML/JSON files or directories of NSGs, ASGs, ServiceTags, Namespaces and Pods.
-    #[arg(short = 'f', long = "filename", required = true)]
+    /// Without any, the objects are read from the cluster of the current kubeconfig.
+    #[arg(short = 'f', long = "filename")]
     pub files: Vec<PathBuf>,
     /// Cluster ranges (pod and service CIDRs) that belong to the VirtualNetwork tag.
     #[arg(long, value_delimiter = ',')]
@@ -34,6 +35,9 @@ pub struct CliError(pub String);
 
 impl Inputs {
     pub fn inventory(&self) -> Result<Inventory, CliError> {
+        if self.files.is_empty() {
+            return self.live_inventory();
+        }
         let objects = load::Objects::read(&self.files).map_err(|e| CliError(e.to_string()))?;
         objects
             .into_inventory(&self.virtual_network, &self.node_ips)
@@ -46,6 +50,32 @@ impl Inputs {
                         .join("\n"),
                 )
             })
+    }
+}
+
+impl Inputs {
+    /// The cluster's objects, as the controller sees them. Invalid objects are reported on
+    /// stderr and left out, as the controller leaves them out (it keeps their last valid
+    /// version; a one-shot read has none).
+    fn live_inventory(&self) -> Result<Inventory, CliError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError(e.to_string()))?;
+        let live = runtime.block_on(async {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| CliError(format!("no -f given and no cluster reachable: {e}")))?;
+            crate::controller::inventory_from_cluster(&client, &self.virtual_network)
+                .await
+                .map_err(|e| CliError(format!("reading the cluster: {e}")))
+        })?;
+        for errors in &live.invalid {
+            eprintln!("warning: left out: {errors}");
+        }
+        let mut inventory = live.inventory;
+        inventory.node_ips.extend(&self.node_ips);
+        Ok(inventory)
     }
 }
 
