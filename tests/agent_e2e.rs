@@ -101,9 +101,22 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     let _table = TableGuard;
     let mut agent = start_agent("three-tier", &AgentConfig::new(REPORT_NS));
     agent.wait_ready(Duration::from_secs(30)).await;
+    // The controller too (its NetworkPolicies are not enforced here: no CNI), for the
+    // DataplaneProgrammed condition it derives from the agents' reports.
+    let mut controller = start_controller("three-tier-controller", REPORT_NS);
+    controller.wait_ready(Duration::from_secs(30)).await;
     apply_groups(&dir);
     let nsg = ObjectRef::new(ns, "nsg1");
     let took = wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    let condition = wait_condition(&client, &nsg, "DataplaneProgrammed", "True", &controller).await;
+    assert_eq!(
+        condition.message,
+        format!(
+            "generation {} is programmed on 1 of 1 nodes",
+            generation(&client, &nsg).await.unwrap()
+        )
+    );
+    assert_eq!(dataplane_field(&client, &nsg).await.as_deref(), Some("1/1"));
     let inventory = inventory(&lab, &files);
     let report = lab.probe(&inventory, &spec()).await.unwrap();
     assert_no_mismatches("three-tier", &report, &inventory, &agent);
@@ -167,6 +180,7 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     assert!(all.get(&deny_key).copied().unwrap_or(0) >= 3, "{all:?}");
 
     drop(agent);
+    drop(controller);
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
     eprintln!(

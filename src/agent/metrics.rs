@@ -11,6 +11,7 @@
 //! | `kube_nsg_agent_ready` | gauge | 1 once the first sync succeeded |
 //! | `kube_nsg_agent_report_errors_total` | counter | failed writes of the node's Lease (retried at the next heartbeat) |
 //! | `kube_nsg_agent_watch_errors_total{kind}` | counter | watch failures (retried with backoff; the table stays) |
+//! | `kube_nsg_agent_cached_objects{kind}` | gauge | objects in the agent's in-memory view |
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
 use super::dataplane::HitKey;
+use crate::controller::cache::WatchMetrics;
 use crate::nft::Applied;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +59,7 @@ pub struct AgentMetrics {
     ready_gauge: Gauge,
     report_errors: Counter,
     watch_errors: Family<KindLabels, Counter>,
+    cached: Family<KindLabels, Gauge>,
     ready: AtomicBool,
     /// What `rule_hits` was last set to, to add only the growth.
     hits_seen: std::sync::Mutex<BTreeMap<HitKey, u64>>,
@@ -81,6 +84,7 @@ impl AgentMetrics {
             ready_gauge: Gauge::default(),
             report_errors: Counter::default(),
             watch_errors: Family::default(),
+            cached: Family::default(),
             ready: AtomicBool::new(false),
             hits_seen: Default::default(),
             registry: Registry::default(),
@@ -131,6 +135,11 @@ impl AgentMetrics {
             "Watch failures, retried with backoff",
             m.watch_errors.clone(),
         );
+        registry.register(
+            "cached_objects",
+            "Objects in the agent's in-memory view",
+            m.cached.clone(),
+        );
         AgentMetrics { registry, ..m }
     }
 
@@ -162,12 +171,6 @@ impl AgentMetrics {
         self.report_errors.inc();
     }
 
-    pub fn watch_error(&self, kind: &str) {
-        self.watch_errors
-            .get_or_create(&KindLabels { kind: kind.into() })
-            .inc();
-    }
-
     /// Sets the per-rule counters to these totals (which only grow).
     pub fn set_hits(&self, totals: &BTreeMap<HitKey, u64>) {
         let mut seen = self.hits_seen.lock().expect("metrics lock");
@@ -195,6 +198,20 @@ impl AgentMetrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+impl WatchMetrics for AgentMetrics {
+    fn watch_error(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    fn set_cached(&self, kind: &str, n: usize) {
+        self.cached
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .set(n as i64);
     }
 }
 

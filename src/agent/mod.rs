@@ -43,6 +43,7 @@ use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::controller::{LogFormat, init_tracing, parse_duration, shutdown_signal};
 use crate::model::{Inventory, ObjectRef};
 use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand};
 use crate::resolve::Resolved;
@@ -50,13 +51,6 @@ use crate::resolve::Resolved;
 pub use dataplane::{Dataplane, HitKey, SyncOutcome};
 pub use inputs::Source;
 pub use report::{NodeReport, rule_hits};
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
 
 /// Whether the node's own traffic to and from its pods is filtered (`--host-traffic`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,25 +61,6 @@ pub enum HostTrafficArg {
     /// The node always reaches its pods and they it; only pod-to-pod and outside traffic is
     /// filtered.
     Exempt,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 5m or 1h"))?;
-    let seconds = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Arguments of `kube-nsg agent`.
@@ -166,30 +141,6 @@ pub enum Error {
         table: String,
         source: nft::NftError,
     },
-}
-
-/// Sets up logging; a no-op when a subscriber is already installed.
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Plain => builder.try_init(),
-    };
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the agent is

@@ -410,6 +410,66 @@ pub fn start_agent(name: &str, cfg: &AgentConfig) -> Proc {
     Proc::spawn(name, &args, &cfg.kubeconfig, port)
 }
 
+/// The controller, without leader election, counting the agents that report to `agent_ns`.
+pub fn start_controller(name: &str, agent_ns: &str) -> Proc {
+    let port = free_port();
+    let args: Vec<String> = [
+        "controller",
+        "--no-leader-election",
+        "--virtual-network",
+        VIRTUAL_NETWORK,
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--agent-namespace",
+        agent_ns,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Proc::spawn(name, &args, KUBECONFIG, port)
+}
+
+/// Waits for a condition of an NSG to have this status; returns it.
+pub async fn wait_condition(
+    client: &Client,
+    nsg: &ObjectRef,
+    type_: &str,
+    status: &str,
+    controller: &Proc,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let api: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &nsg.namespace);
+    let start = Instant::now();
+    loop {
+        let obj = api.get_opt(&nsg.name).await.ok().flatten();
+        let conditions = obj
+            .and_then(|o| o.status)
+            .map(|s| s.conditions)
+            .unwrap_or_default();
+        if let Some(c) = conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+        {
+            return c.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{nsg}: no {type_}={status} within 30 s: {conditions:#?}\n{}",
+            controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn dataplane_field(client: &Client, nsg: &ObjectRef) -> Option<String> {
+    let api: Api<NetworkSecurityGroup> = Api::namespaced(client.clone(), &nsg.namespace);
+    api.get_opt(&nsg.name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|o| o.status)
+        .and_then(|s| s.dataplane)
+}
+
 /// Removes the agent's table when dropped, so a failing test leaves no enforcement behind for
 /// the next user of the lab.
 pub struct TableGuard;
