@@ -241,12 +241,12 @@ async fn subnet_and_nic_matches_the_evaluator() {
     ]);
 }
 
-/// Seeds of the random scenarios: `KUBE_NSG_E2E_SEEDS=1,2,3` or the default three.
+/// Seeds of the random scenarios: `KUBE_NSG_E2E_SEEDS=1,2,3` or the default six.
 fn seeds() -> Vec<u64> {
     std::env::var("KUBE_NSG_E2E_SEEDS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![11, 23, 42])
+        .unwrap_or_else(|| vec![11, 23, 42, 57, 64, 99])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,8 +766,23 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
         "resyncs ran meanwhile\n{m}"
     );
 
+    // An agent restarted while the API server is unreachable cannot list anything: it leaves
+    // the table alone (the previous agent's ruleset keeps enforcing) and is not ready.
+    assert_eq!(agent.stop(), Some(0));
+    let mut agent = start_agent("offline-restarted", &cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.http_get("/readyz").await.map(|r| r.0), Some(503));
+    let report = lab.probe(&inventory, &spec()).await.unwrap();
+    assert_no_mismatches(
+        "a new agent without the API server",
+        &report,
+        &inventory,
+        &agent,
+    );
+
     // Back: the agent catches up with the change it missed.
     let _relay = ApiRelay::start(port).await;
+    agent.wait_ready(Duration::from_secs(30)).await;
     wait_programmed(&client, REPORT_NS, &[nsg], &[], &agent).await;
     let caught_up = agent_support::inventory(&lab, std::slice::from_ref(&edited));
     let report = lab.probe(&caught_up, &spec()).await.unwrap();

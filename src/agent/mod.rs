@@ -412,20 +412,28 @@ impl Agent {
 
     /// Reads the counters every `interval`: metrics, the hits for the Lease, and a drift
     /// check (a drifted table wakes the loop).
+    /// A large table is read less often: at most every ten times what a listing costs.
     pub async fn poll_counters(self, interval: Duration, mut stop: watch::Receiver<bool>) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut delay = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                _ = ticks.tick() => {}
+                _ = tokio::time::sleep(delay) => {}
             }
             let dp = self.dataplane.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let mut dp = dp.lock().expect("dataplane lock");
-                dp.current().is_some().then(|| dp.read_hits())
+                let read = dp.current().is_some().then(|| dp.read_hits());
+                (read, dp.listing_cost())
             })
-            .await;
+            .await
+            .map(|(read, cost)| {
+                delay = interval.max(cost * 10);
+                read
+            });
+            if delay.is_zero() {
+                delay = interval;
+            }
             match read {
                 Ok(Some(Ok((totals, drifted)))) => {
                     self.metrics.set_hits(&totals);

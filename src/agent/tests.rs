@@ -72,6 +72,17 @@ fn agent(fake: &Arc<FakeNft>) -> Agent {
 /// and the counters are read from.
 fn listing(rs: &Ruleset, packets: &BTreeMap<&str, u64>) -> String {
     let mut items = vec![serde_json::json!({"metainfo": {"version": "1.0.6"}})];
+    for set in &rs.sets {
+        let kind = if set.is_map { "map" } else { "set" };
+        items.push(
+            serde_json::json!({ kind: {"family": "inet", "table": rs.table, "name": set.name} }),
+        );
+    }
+    for chain in &rs.chains {
+        items.push(
+            serde_json::json!({"chain": {"family": "inet", "table": rs.table, "name": chain.name}}),
+        );
+    }
     for (chain, rref) in &rs.rule_chains {
         let n = packets.get(rref.rule.as_str()).copied().unwrap_or(0);
         items.push(serde_json::json!({"rule": {
@@ -265,4 +276,64 @@ async fn wait_for(cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out");
+}
+
+/// A fake whose listings take time, counting them.
+struct SlowNft {
+    inner: FakeNft,
+    delay: Duration,
+    listings: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::nft::Nft for SlowNft {
+    fn apply(&self, script: &str) -> Result<(), crate::nft::NftError> {
+        self.inner.apply(script)
+    }
+    fn list_table_json(&self, table: &str) -> Result<Option<String>, crate::nft::NftError> {
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(self.delay);
+        self.inner.list_table_json(table)
+    }
+}
+
+#[test]
+fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll() {
+    let slow = Arc::new(SlowNft {
+        inner: FakeNft::default(),
+        delay: dataplane::SLOW_LISTING + Duration::from_millis(20),
+        listings: Default::default(),
+    });
+    let listings = || slow.listings.load(std::sync::atomic::Ordering::Relaxed);
+    let mut dp = Dataplane::new(slow.clone(), "kube-nsg");
+    let inv = three_tier();
+    let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    dp.sync(rs.clone(), false).unwrap();
+    assert_eq!(
+        listings(),
+        1,
+        "the first apply is read back: its cost is not known yet"
+    );
+    assert!(dp.listing_cost() >= dataplane::SLOW_LISTING);
+
+    let mut edited = inv.clone();
+    edited.nsgs[0].rules.retain(|r| r.priority != 100);
+    let rs2 = nft::compile(&Resolved::new(&edited), Some("node-1"));
+    assert_eq!(
+        dp.sync(rs2.clone(), false).unwrap().applied,
+        Applied::Replaced
+    );
+    assert_eq!(listings(), 1, "no listing before or after the replacement");
+
+    // The next poll records the table (its chains and sets are the applied ones).
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs2, &BTreeMap::new()));
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(!drifted);
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(!drifted, "recorded");
+    // Someone puts the old table back: drift.
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(drifted);
 }
