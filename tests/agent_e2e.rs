@@ -856,3 +856,60 @@ async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
 }
+
+/// One ping from the node itself (its address 10.255.0.1 is the route's source) to `ip`.
+fn ping_from_node(ip: &str) -> bool {
+    std::process::Command::new("ping")
+        .args([
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            lab::NODE_IP.to_string().as_str(),
+            ip,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_traffic_is_enforced_or_exempt() {
+    let _serial = SERIAL.lock().await;
+    let ns = "agent-e2e-host";
+    let client = setup(&[ns]).await;
+    let dir = three_tier(ns, 78);
+    let lab = Lab::up(std::slice::from_ref(&dir), &client)
+        .await
+        .expect("lab up");
+    let _table = TableGuard;
+    let web1 = "10.244.78.11";
+    assert!(
+        ping_from_node(web1),
+        "the node reaches its pod without a group"
+    );
+    // Kubelet probes come from the node's addresses, the AzureLoadBalancer tag.
+    apply_yaml(&format!(
+        "apiVersion: kubensg.io/v1alpha1\nkind: NetworkSecurityGroup\nmetadata: {{name: deny-node, namespace: {ns}}}\n\
+         spec:\n  subnet: true\n  securityRules:\n  - {{name: Deny-Probes, priority: 100, direction: Inbound, access: Deny, \
+         protocol: Icmp, sourceAddressPrefix: AzureLoadBalancer, destinationAddressPrefix: '*'}}\n"
+    ));
+    let nsg = ObjectRef::new(ns, "deny-node");
+    for (mode, passes) in [("enforce", false), ("exempt", true)] {
+        let mut cfg = AgentConfig::new(REPORT_NS);
+        cfg.extra = vec!["--host-traffic".into(), mode.into()];
+        let mut agent = start_agent(&format!("host-{mode}"), &cfg);
+        agent.wait_ready(Duration::from_secs(30)).await;
+        wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+        assert_eq!(
+            ping_from_node(web1),
+            passes,
+            "--host-traffic {mode}: node -> pod ICMP\n{}",
+            agent.log_tail(10)
+        );
+        drop(agent);
+    }
+    lab.down().await.expect("lab down");
+    delete_namespaces(&[ns]);
+}
