@@ -34,7 +34,8 @@ enum Command {
     /// Run the controller: pod labels, NetworkPolicies and status (leader-elected).
     Controller(kube_nsg::controller::ControllerArgs),
     /// Run the node agent: program the node's nftables table, report what is in force.
-    /// `--cleanup` removes the table (uninstall); stopping the agent leaves it in force.
+    /// Stopping it leaves the table in force (unless its DaemonSet is gone); `--cleanup`
+    /// removes the table.
     Agent(kube_nsg::agent::AgentArgs),
 }
 

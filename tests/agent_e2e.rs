@@ -856,3 +856,143 @@ async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
 }
+
+/// One ping from the node itself (its address 10.255.0.1 is the route's source) to `ip`.
+fn ping_from_node(ip: &str) -> bool {
+    std::process::Command::new("ping")
+        .args([
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            lab::NODE_IP.to_string().as_str(),
+            ip,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_traffic_is_enforced_or_exempt() {
+    let _serial = SERIAL.lock().await;
+    let ns = "agent-e2e-host";
+    let client = setup(&[ns]).await;
+    let dir = three_tier(ns, 78);
+    let lab = Lab::up(std::slice::from_ref(&dir), &client)
+        .await
+        .expect("lab up");
+    let _table = TableGuard;
+    let web1 = "10.244.78.11";
+    assert!(
+        ping_from_node(web1),
+        "the node reaches its pod without a group"
+    );
+    // Kubelet probes come from the node's addresses, the AzureLoadBalancer tag.
+    apply_yaml(&format!(
+        "apiVersion: kubensg.io/v1alpha1\nkind: NetworkSecurityGroup\nmetadata: {{name: deny-node, namespace: {ns}}}\n\
+         spec:\n  subnet: true\n  securityRules:\n  - {{name: Deny-Probes, priority: 100, direction: Inbound, access: Deny, \
+         protocol: Icmp, sourceAddressPrefix: AzureLoadBalancer, destinationAddressPrefix: '*'}}\n"
+    ));
+    let nsg = ObjectRef::new(ns, "deny-node");
+    for (mode, passes) in [("enforce", false), ("exempt", true)] {
+        let mut cfg = AgentConfig::new(REPORT_NS);
+        cfg.extra = vec!["--host-traffic".into(), mode.into()];
+        let mut agent = start_agent(&format!("host-{mode}"), &cfg);
+        agent.wait_ready(Duration::from_secs(30)).await;
+        wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+        assert_eq!(
+            ping_from_node(web1),
+            passes,
+            "--host-traffic {mode}: node -> pod ICMP\n{}",
+            agent.log_tail(10)
+        );
+        drop(agent);
+    }
+    lab.down().await.expect("lab down");
+    delete_namespaces(&[ns]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_agents_daemonset_removes_the_table_a_restart_does_not() {
+    let _serial = SERIAL.lock().await;
+    let ns = "agent-e2e-uninstall";
+    let client = setup(&[ns]).await;
+    let dir = three_tier(ns, 79);
+    let files = vec![dir.clone()];
+    let lab = Lab::up(&files, &client).await.expect("lab up");
+    let _table = TableGuard;
+    // The agent's DaemonSet and its Pod as the API holds them (no DaemonSet controller runs
+    // here: the objects only say who owns the agent).
+    let daemonset = |name: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n\
+             \x20   spec: {{containers: [{{name: agent, image: kube-nsg}}]}}\n"
+        )
+    };
+    apply_yaml(&daemonset("kube-nsg-agent"));
+    let uid = kubectl(&[
+        "get",
+        "daemonset",
+        "kube-nsg-agent",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    apply_yaml(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kube-nsg-agent-x1\n  namespace: {ns}\n  ownerReferences:\n\
+         \x20 - {{apiVersion: apps/v1, kind: DaemonSet, name: kube-nsg-agent, uid: {uid}, controller: true}}\n\
+         spec: {{containers: [{{name: agent, image: kube-nsg}}]}}\n"
+    ));
+    let mut cfg = AgentConfig::new(REPORT_NS);
+    cfg.env = vec![
+        ("POD_NAME".into(), "kube-nsg-agent-x1".into()),
+        ("POD_NAMESPACE".into(), ns.into()),
+    ];
+    let mut agent = start_agent("uninstall-1", &cfg);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    apply_groups(&dir);
+    let nsg = ObjectRef::new(ns, "nsg1");
+    wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    // Stopped while its DaemonSet exists: a restart, the table stays.
+    assert_eq!(agent.stop(), Some(0));
+    assert!(table_exists(), "{}", agent.log_tail(10));
+    assert!(agent.log_tail(5).contains("the table stays in force"));
+
+    let mut agent = start_agent("uninstall-2", &cfg);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the owner lookup is done
+    kubectl(&["delete", "daemonset", "kube-nsg-agent", "-n", ns]);
+    assert_eq!(agent.stop(), Some(0));
+    assert!(
+        !table_exists(),
+        "the DaemonSet is gone: uninstall\n{}",
+        agent.log_tail(10)
+    );
+    assert!(
+        node_report(&client, REPORT_NS).await.is_none(),
+        "the Lease is gone"
+    );
+    let mut open = agent_support::inventory(&lab, &files);
+    open.nsgs.clear();
+    let report = lab.probe(&open, &spec()).await.unwrap();
+    assert_no_mismatches("after the uninstall", &report, &open, &agent);
+    let _ = std::process::Command::new("kubectl")
+        .args([
+            "delete",
+            "pod",
+            "kube-nsg-agent-x1",
+            "-n",
+            ns,
+            "--grace-period=0",
+            "--force",
+            "--ignore-not-found",
+        ])
+        .env("KUBECONFIG", KUBECONFIG)
+        .output();
+    lab.down().await.expect("lab down");
+    delete_namespaces(&[ns]);
+}

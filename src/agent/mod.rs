@@ -21,7 +21,8 @@
 //!   with backoff; while the API server is unreachable the watches retry and the table of the
 //!   last successful sync stays (and is still repaired from the cached view).
 //! - SIGTERM stops the process and leaves the table in place (a rolling restart must not open
-//!   a hole); `--cleanup` removes it.
+//!   a hole), unless the agent's DaemonSet is gone: an uninstall ([`uninstall`]) removes the
+//!   table. `--cleanup` removes it by hand.
 //! - Reporting ([`report`]): a Lease per node with the programmed NSG generations and the
 //!   rule hit counts; metrics ([`metrics`]).
 
@@ -29,6 +30,7 @@ pub mod dataplane;
 pub mod inputs;
 pub mod metrics;
 pub mod report;
+pub mod uninstall;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -108,7 +110,8 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value = "enforce")]
     pub host_traffic: HostTrafficArg,
     /// Remove the node's nftables table (and its Lease, when the API answers) and exit.
-    /// Idempotent. Run it when uninstalling: stopping the agent leaves the table in force.
+    /// Idempotent. A stopped agent leaves its table in force (unless its DaemonSet was
+    /// deleted: an uninstall); this removes it by hand, once the agent is stopped.
     #[arg(long)]
     pub cleanup: bool,
 }
@@ -224,13 +227,46 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         debounce: args.debounce,
         resync_interval: args.resync_interval,
     };
+    let owner = tokio::spawn(uninstall::own_daemonset(client.clone()));
     agent.run_loop(&source, settings, shutdown_signal()).await;
 
-    info!("shutting down; the table stays in force (remove it with `kube-nsg agent --cleanup`)");
     shutdown_tx.send_replace(true);
     source.stop();
     let _ = poller.await;
     let _ = reporter.await;
+    // Uninstalled (our DaemonSet is gone), or stopped for a restart (it is there)?
+    let owner = if owner.is_finished() {
+        owner.await.ok().flatten()
+    } else {
+        owner.abort();
+        None
+    };
+    let uninstalled = match &owner {
+        Some(ds) => uninstall::is_gone(&client, ds).await,
+        None => false,
+    };
+    if uninstalled {
+        let dp = agent.dataplane.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || dp.lock().expect("dataplane lock").remove()).await;
+        match removed {
+            Ok(Ok(())) => info!(
+                daemonset = %owner.as_ref().map(|d| d.name.as_str()).unwrap_or_default(),
+                "the agent's DaemonSet is gone (uninstall): removed the table"
+            ),
+            Ok(Err(e)) => error!(error = %e, "uninstall: cannot remove the table"),
+            Err(e) => error!(error = %e, "uninstall: the removal task failed"),
+        }
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &args.report_namespace);
+        if let Err(e) = report::delete_lease(&leases, &node).await {
+            warn!(error = %e, "uninstall: cannot remove the node's Lease (it expires)");
+        }
+    } else {
+        info!(
+            "shutting down; the table stays in force (a new agent replaces it; uninstalling \
+             removes it, as does `kube-nsg agent --cleanup`)"
+        );
+    }
     let _ = server.await;
     Ok(())
 }

@@ -202,6 +202,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String], kubeconfig: &str, metrics_port: u16) -> Proc {
+        Proc::spawn_with_env(name, args, kubeconfig, metrics_port, &[])
+    }
+
+    pub fn spawn_with_env(
+        name: &str,
+        args: &[String],
+        kubeconfig: &str,
+        metrics_port: u16,
+        env: &[(String, String)],
+    ) -> Proc {
         std::fs::create_dir_all(LOG_DIR).unwrap();
         let log = Path::new(LOG_DIR).join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -210,6 +220,9 @@ impl Proc {
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube_nsg=debug")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -368,6 +381,7 @@ pub struct AgentConfig {
     pub resync: &'static str,
     pub counters: &'static str,
     pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -378,6 +392,7 @@ impl AgentConfig {
             resync: "5s",
             counters: "1s",
             extra: vec![],
+            env: vec![],
         }
     }
 }
@@ -407,7 +422,7 @@ pub fn start_agent(name: &str, cfg: &AgentConfig) -> Proc {
     .map(|s| s.to_string())
     .collect();
     args.extend(cfg.extra.iter().cloned());
-    Proc::spawn(name, &args, &cfg.kubeconfig, port)
+    Proc::spawn_with_env(name, &args, &cfg.kubeconfig, port, &cfg.env)
 }
 
 /// The controller, without leader election, counting the agents that report to `agent_ns`.
