@@ -152,9 +152,12 @@ pub async fn run(
     caches: Arc<Caches>,
     namespace: String,
     metrics: Arc<Metrics>,
+    scope: Option<crate::model::LabelSelector>,
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Only the groups of the namespaces this controller manages (`--namespace-selector`).
+    let nsgs_in_scope = || super::inventory::Snapshot::of(&caches, scope.as_ref()).nsgs;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let mut events = watcher(leases, watcher::Config::default().labels(NODE_LABEL))
         .default_backoff()
@@ -197,7 +200,7 @@ pub async fn run(
             .filter(|r| r.is_live(now))
             .collect();
         let mut writes = vec![];
-        for entry in caches.nsgs.snapshot() {
+        for entry in nsgs_in_scope() {
             let id = ObjectRef::new(&entry.namespace, &entry.name);
             let (cond, field) = dataplane_status(&id, entry.generation, entry.model.is_ok(), &live);
             let desired = (cond, field);
@@ -240,12 +243,8 @@ pub async fn run(
                 }
             }
         }
-        let live_uids: std::collections::HashSet<String> = caches
-            .nsgs
-            .snapshot()
-            .iter()
-            .map(|e| e.uid.clone())
-            .collect();
+        let live_uids: std::collections::HashSet<String> =
+            nsgs_in_scope().iter().map(|e| e.uid.clone()).collect();
         written.retain(|uid, _| live_uids.contains(uid));
     }
 }

@@ -267,6 +267,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         caches.clone(),
         args.agent_namespace.clone(),
         metrics.clone(),
+        args.namespace_selector.clone(),
         leader_rx.clone(),
         shutdown_rx.clone(),
     ));
