@@ -3,6 +3,7 @@
 //! The pure core (`model`, `resolve`, `eval`, `effective`, `netpol`, `analyze`, `nft`) holds
 //! the semantics; the shells around it (`api`, `cli`, `import`) talk to Kubernetes and files.
 
+pub mod agent;
 pub mod analyze;
 pub mod api;
 pub mod cli;

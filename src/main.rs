@@ -33,6 +33,10 @@ enum Command {
     Import(ImportSource),
     /// Run the controller: pod labels, NetworkPolicies and status (leader-elected).
     Controller(kube_nsg::controller::ControllerArgs),
+    /// Run the node agent: program the node's nftables table, report what is in force.
+    /// Stopping it leaves the table in force (unless its DaemonSet is gone); `--cleanup`
+    /// removes the table.
+    Agent(kube_nsg::agent::AgentArgs),
 }
 
 #[derive(Subcommand)]
@@ -51,6 +55,9 @@ fn run(args: Args) -> Result<String, CliError> {
         Command::Analyze(a) => cli::analyze(&a),
         Command::Import(ImportSource::Azure(a)) => cli::import_azure(&a),
         Command::Controller(a) => kube_nsg::controller::run_blocking(a)
+            .map(|()| String::new())
+            .map_err(|e| CliError(e.to_string())),
+        Command::Agent(a) => kube_nsg::agent::run_blocking(a)
             .map(|()| String::new())
             .map_err(|e| CliError(e.to_string())),
     }

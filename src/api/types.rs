@@ -49,6 +49,7 @@ fn each(check: fn(&str) -> String) -> String {
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.associatedPods"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Exact","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#,
+    printcolumn = r#"{"name":"Dataplane","type":"string","jsonPath":".status.dataplane"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -200,6 +200,8 @@ pub struct NsgEntry {
     pub conditions: Vec<Condition>,
     /// Digest of the part of the observed status this controller writes.
     pub status: Digest,
+    /// The observed `status.dataplane` ("N/M", written by [`super::dataplane`]).
+    pub dataplane: Option<String>,
 }
 
 impl NsgEntry {
@@ -229,6 +231,7 @@ pub fn nsg_entry(obj: &NetworkSecurityGroup) -> Option<NsgEntry> {
             .map(|s| s.conditions.clone())
             .unwrap_or_default(),
         status: status_digest(&owned_nsg_status(obj.status.as_ref())),
+        dataplane: obj.status.as_ref().and_then(|s| s.dataplane.clone()),
     })
 }
 
@@ -438,23 +441,62 @@ impl Default for Caches {
     }
 }
 
+/// Where the watches report their errors and sizes: the controller's metrics and the node
+/// agent's.
+pub trait WatchMetrics: Send + Sync + 'static {
+    fn watch_error(&self, kind: &str);
+    fn set_cached(&self, kind: &str, n: usize);
+}
+
+impl WatchMetrics for Metrics {
+    fn watch_error(&self, kind: &str) {
+        Metrics::watch_error(self, kind)
+    }
+    fn set_cached(&self, kind: &str, n: usize) {
+        Metrics::set_cached(self, kind, n)
+    }
+}
+
 impl Caches {
     /// Whether every store has completed its first list (what `/readyz` reports).
     pub fn synced(&self) -> bool {
+        self.inputs_synced() && self.policies.is_synced()
+    }
+
+    /// Whether the stores of the model's inputs (all but NetworkPolicies) have completed
+    /// their first list: what the node agent waits for.
+    pub fn inputs_synced(&self) -> bool {
         self.nsgs.is_synced()
             && self.asgs.is_synced()
             && self.tags.is_synced()
             && self.pods.is_synced()
             && self.namespaces.is_synced()
             && self.nodes.is_synced()
-            && self.policies.is_synced()
     }
 
     /// Starts one watch task per kind; they run until aborted.
-    pub fn spawn_watches(
+    pub fn spawn_watches<M: WatchMetrics>(
         self: &Arc<Self>,
         client: &Client,
-        metrics: &Arc<Metrics>,
+        metrics: &Arc<M>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = self.spawn_input_watches(client, metrics);
+        tasks.push(spawn(
+            self,
+            metrics,
+            Api::all(client.clone()),
+            watcher::Config::default().page_size(50),
+            |c| &c.policies,
+            policy_entry,
+        ));
+        tasks
+    }
+
+    /// The watches of the model's inputs only (the node agent reads no NetworkPolicy).
+    pub fn spawn_input_watches<M: WatchMetrics>(
+        self: &Arc<Self>,
+        client: &Client,
+        metrics: &Arc<M>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         // Small list pages bound the memory of a (re)list: objects arrive whole, managed
         // fields and all (an NSG with its status weighs tens of KiB), and are compacted one
@@ -510,21 +552,13 @@ impl Caches {
                 |c| &c.nodes,
                 NodeEntry::from_api,
             ),
-            spawn(
-                self,
-                metrics,
-                Api::all(c.clone()),
-                pages(50),
-                |c| &c.policies,
-                policy_entry,
-            ),
         ]
     }
 }
 
-fn spawn<K, T>(
+fn spawn<K, T, M: WatchMetrics>(
     caches: &Arc<Caches>,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<M>,
     api: Api<K>,
     config: watcher::Config,
     store: fn(&Caches) -> &Cache<T>,

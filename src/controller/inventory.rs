@@ -39,7 +39,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// A snapshot of the caches, restricted to a namespace selector (see [`Snapshot::scope`]).
-    pub fn of(c: &Caches, scope: Option<&LabelSelector>, nodes: Option<&LabelSelector>) -> Self {
+    pub fn of(c: &Caches, scope: Option<&LabelSelector>) -> Self {
         let namespaces = c.namespaces.snapshot();
         let snap = Snapshot {
             nsgs: c.nsgs.snapshot(),
@@ -50,12 +50,7 @@ impl Snapshot {
                 .iter()
                 .map(|n| Arc::new(n.namespace.clone()))
                 .collect(),
-            nodes: c
-                .nodes
-                .snapshot()
-                .into_iter()
-                .filter(|n| nodes.is_none_or(|sel| sel.matches(&n.labels.to_map())))
-                .collect(),
+            nodes: c.nodes.snapshot(),
             policies: c.policies.snapshot(),
             terminating: namespaces
                 .iter()
@@ -83,6 +78,14 @@ impl Snapshot {
         self.pods.retain(|o| in_scope(&o.namespace));
         self.policies.retain(|o| in_scope(&o.namespace));
         self.namespaces.retain(|n| in_scope(&n.name));
+        self
+    }
+
+    /// Keeps only the nodes the selector selects (`--node-selector`).
+    pub fn with_nodes(mut self, nodes: Option<&LabelSelector>) -> Self {
+        if let Some(sel) = nodes {
+            self.nodes.retain(|n| sel.matches(&n.labels.to_map()));
+        }
         self
     }
 

@@ -70,6 +70,7 @@
 
 pub mod cache;
 pub mod compile;
+pub mod dataplane;
 pub mod digest;
 pub mod inventory;
 pub mod leader;
@@ -98,7 +99,7 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = s.split_at(
         s.find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -183,6 +184,10 @@ pub struct ControllerArgs {
     /// Write requests in flight at once.
     #[arg(long, default_value = "16")]
     pub write_concurrency: usize,
+    /// Namespace of the node agents' report Leases (their `--report-namespace`): each NSG's
+    /// `DataplaneProgrammed` condition counts the agents that report there.
+    #[arg(long, default_value = "kube-system", env = "POD_NAMESPACE")]
+    pub agent_namespace: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,14 +211,15 @@ pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Plain => builder.try_init(),
     };
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
     #[cfg(unix)]
     {
@@ -296,6 +302,16 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         Some(tokio::spawn(elector.run(leader_tx, shutdown_rx.clone())))
     };
 
+    let dataplane = tokio::spawn(dataplane::run(
+        client.clone(),
+        caches.clone(),
+        args.agent_namespace.clone(),
+        metrics.clone(),
+        args.namespace_selector.clone(),
+        leader_rx.clone(),
+        shutdown_rx.clone(),
+    ));
+
     let settings = reconcile::Settings {
         mode: args.mode,
         virtual_network: args.virtual_network.clone(),
@@ -362,6 +378,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     for w in watches {
         w.abort();
     }
+    let _ = dataplane.await;
     let _ = server.await;
     info!("stopped");
     Ok(())

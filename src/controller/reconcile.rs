@@ -166,11 +166,8 @@ impl Reconciler {
             last: Some(Instant::now()),
             phases: Vec::new(),
         };
-        let snap = Snapshot::of(
-            &self.caches,
-            self.settings.scope.as_ref(),
-            self.settings.nodes.as_ref(),
-        );
+        let snap = Snapshot::of(&self.caches, self.settings.scope.as_ref())
+            .with_nodes(self.settings.nodes.as_ref());
         let built = inventory::build(&snap, &self.settings.virtual_network, &mut self.last_valid);
         timer.mark("build");
         let inventory_digest = digest::of_stream(&built.inventory);

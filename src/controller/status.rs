@@ -1,9 +1,10 @@
 //! What the status of each object should say, computed from the resolved model (pure: no
 //! client here), and how conditions keep their `lastTransitionTime` across passes.
 //!
-//! The controller owns these NSG conditions (the node agent owns `DataplaneProgrammed` and
-//! `status.dataplane`; the list is a map keyed by `type`, so both can server-side apply their
-//! own entries):
+//! The controller's pass owns these NSG conditions (`DataplaneProgrammed` and
+//! `status.dataplane` are written from the node agents' reports by [`super::dataplane`], with a
+//! field manager of their own; the list is a map keyed by `type`, so both can server-side
+//! apply their own entries):
 //!
 //! | type | True | False |
 //! |---|---|---|

@@ -368,6 +368,10 @@ impl Controller {
             format!("{SCOPE_LABEL}={}", scope_value()),
             "--node-selector".into(),
             format!("{NODE_LABEL}=true"),
+            // No node agent reports here: the dataplane status stays "no agents" whatever
+            // agents other suites on this control plane start and stop.
+            "--agent-namespace".into(),
+            "kube-nsg-e2e-no-agents".into(),
         ]);
         let own_lease = (!extra.contains(&"--lease-name")).then(|| unique("kube-nsg-e2e"));
         if let Some(lease) = &own_lease {

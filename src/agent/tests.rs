@@ -1,0 +1,339 @@
+//! The sync loop and the dataplane against `FakeNft`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::*;
+use crate::model::Inventory;
+use crate::nft::FakeNft;
+
+fn three_tier() -> Inventory {
+    let objects = crate::cli::load::Objects::read(&[std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/three-tier"
+    ))])
+    .unwrap();
+    let mut inv = objects
+        .into_inventory(
+            &["10.244.0.0/16".parse().unwrap()],
+            &["10.255.0.1".parse().unwrap()],
+        )
+        .unwrap();
+    for p in &mut inv.pods {
+        p.node_name = Some("node-1".into());
+    }
+    for n in &mut inv.nsgs {
+        n.generation = Some(4);
+    }
+    inv
+}
+
+struct FakeSource {
+    changed: Notify,
+    inv: StdMutex<Option<Inventory>>,
+}
+
+impl FakeSource {
+    fn new(inv: Option<Inventory>) -> Arc<Self> {
+        Arc::new(FakeSource {
+            changed: Notify::new(),
+            inv: StdMutex::new(inv),
+        })
+    }
+    fn set(&self, inv: Option<Inventory>) {
+        *self.inv.lock().unwrap() = inv;
+        self.changed.notify_one();
+    }
+}
+
+impl Source for FakeSource {
+    fn changed(&self) -> &Notify {
+        &self.changed
+    }
+    fn inventory(&self) -> Option<Inventory> {
+        self.inv.lock().unwrap().clone()
+    }
+}
+
+fn agent(fake: &Arc<FakeNft>) -> Agent {
+    Agent::new(
+        "node-1".into(),
+        fake.clone(),
+        CompileOptions::default(),
+        Arc::new(metrics::AgentMetrics::new()),
+    )
+}
+
+/// A listing of the applied table as the fake's `nft -j list` answer: what the fingerprint
+/// and the counters are read from.
+fn listing(rs: &Ruleset, packets: &BTreeMap<&str, u64>) -> String {
+    let mut items = vec![serde_json::json!({"metainfo": {"version": "1.0.6"}})];
+    for set in &rs.sets {
+        let kind = if set.is_map { "map" } else { "set" };
+        items.push(
+            serde_json::json!({ kind: {"family": "inet", "table": rs.table, "name": set.name} }),
+        );
+    }
+    for chain in &rs.chains {
+        items.push(
+            serde_json::json!({"chain": {"family": "inet", "table": rs.table, "name": chain.name}}),
+        );
+    }
+    for (chain, rref) in &rs.rule_chains {
+        let n = packets.get(rref.rule.as_str()).copied().unwrap_or(0);
+        items.push(serde_json::json!({"rule": {
+            "family": "inet", "table": rs.table, "chain": chain,
+            "expr": [{"counter": {"packets": n, "bytes": n * 60}}, {"accept": null}],
+        }}));
+    }
+    serde_json::json!({ "nftables": items }).to_string()
+}
+
+use crate::nft::Ruleset;
+
+#[test]
+fn syncs_replace_then_update_elements_and_count_across_replacements() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    let inv = three_tier();
+    let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
+    *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    let out = a.sync_blocking(&inv, false).unwrap();
+    assert_eq!(out.applied, Applied::Replaced);
+    assert!(fake.scripts()[0].starts_with("table inet kube-nsg\ndelete table inet kube-nsg\n"));
+    *fake.table_json.lock().unwrap() =
+        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 3)])));
+    assert_eq!(
+        a.sync_blocking(&inv, true).unwrap().applied,
+        Applied::Unchanged
+    );
+
+    // A new web pod: elements only.
+    let mut joined = inv.clone();
+    let mut web3 = joined.pods[0].clone();
+    web3.id.name = "web3".into();
+    web3.ips = vec!["10.244.1.13".parse().unwrap()];
+    joined.pods.push(web3);
+    let out = a.sync_blocking(&joined, false).unwrap();
+    assert_eq!(
+        out.applied,
+        Applied::Elements,
+        "{:?}",
+        fake.scripts().last()
+    );
+    assert!(fake.scripts().last().unwrap().contains("add element"));
+
+    let (hits, drifted) = a.dataplane.lock().unwrap().read_hits().unwrap();
+    let deny = (
+        ObjectRef::new("three-tier", "nsg1"),
+        crate::model::Direction::Inbound,
+        "Deny-Database-All".to_string(),
+    );
+    assert_eq!(hits[&deny], 3);
+    assert!(!drifted);
+    *fake.table_json.lock().unwrap() =
+        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 5)])));
+
+    // A changed rule set replaces the table; what the old one counted is kept.
+    let mut edited = joined.clone();
+    edited.nsgs[0].rules.retain(|r| r.priority != 100);
+    let rs2 = nft::compile(&Resolved::new(&edited), Some("node-1"));
+    let out = a.sync_blocking(&edited, false).unwrap();
+    assert_eq!(out.applied, Applied::Replaced);
+    // The fake does not reset counters: list the new table as the kernel would.
+    *fake.table_json.lock().unwrap() =
+        Some(listing(&rs2, &BTreeMap::from([("Deny-Database-All", 1)])));
+    let (hits, _) = a.dataplane.lock().unwrap().read_hits().unwrap();
+    assert_eq!(hits[&deny], 6, "5 from the old table, 1 from the new");
+}
+
+#[test]
+fn drift_is_repaired_by_a_replacement() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    let inv = three_tier();
+    a.sync_blocking(&inv, false).unwrap();
+    let rs = a.dataplane.lock().unwrap().current().unwrap().clone();
+    // The fake had no table listed when the sync ran: the fingerprint is of "no table".
+    *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    let out = a.sync_blocking(&inv, true).unwrap();
+    assert_eq!(out.applied, Applied::Replaced);
+    assert!(out.drift_repaired);
+    // Now it matches; counter values alone are no drift.
+    *fake.table_json.lock().unwrap() =
+        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 9)])));
+    let out = a.sync_blocking(&inv, true).unwrap();
+    assert_eq!(out.applied, Applied::Unchanged);
+    assert!(!out.drift_repaired);
+    // Someone deleted the table.
+    *fake.table_json.lock().unwrap() = None;
+    let (_, drifted) = a.dataplane.lock().unwrap().read_hits().unwrap();
+    assert!(drifted);
+    let out = a.sync_blocking(&inv, true).unwrap();
+    assert!(out.drift_repaired);
+    assert_eq!(out.applied, Applied::Replaced);
+}
+
+#[test]
+fn a_failed_apply_keeps_the_table_and_the_next_sync_replaces_it() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    let inv = three_tier();
+    *fake.reject_containing.lock().unwrap() = Some("table".into());
+    assert!(a.sync_blocking(&inv, false).is_err());
+    assert!(
+        fake.scripts().is_empty(),
+        "nothing applied, nothing deleted"
+    );
+    *fake.reject_containing.lock().unwrap() = None;
+    assert_eq!(
+        a.sync_blocking(&inv, false).unwrap().applied,
+        Applied::Replaced
+    );
+    assert!(
+        fake.scripts()
+            .iter()
+            .all(|s| !s.trim_end().ends_with("delete table inet kube-nsg"))
+    );
+}
+
+#[test]
+fn cleanup_removes_the_table_and_is_idempotent() {
+    let fake = Arc::new(FakeNft::default());
+    let mut dp = Dataplane::new(fake.clone(), "kube-nsg");
+    dp.remove().unwrap();
+    dp.remove().unwrap();
+    assert_eq!(
+        fake.scripts(),
+        vec!["table inet kube-nsg\ndelete table inet kube-nsg\n"; 2]
+    );
+}
+
+#[tokio::test]
+async fn the_loop_waits_for_the_inputs_debounces_and_resyncs() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    let source = FakeSource::new(None);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let settings = LoopSettings {
+        debounce: Duration::from_millis(50),
+        resync_interval: Duration::from_millis(1500),
+    };
+    let loop_agent = a.clone();
+    let src: Arc<dyn Source> = source.clone();
+    let task = tokio::spawn(async move {
+        loop_agent
+            .run_loop(&*src, settings, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        fake.scripts().is_empty(),
+        "nothing before the inputs are complete"
+    );
+    assert!(a.programmed.borrow().is_none());
+
+    // A burst of changes: one sync.
+    let inv = three_tier();
+    source.set(Some(inv.clone()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    source.set(Some(inv.clone()));
+    wait_for(|| fake.scripts().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.scripts().len(), 1);
+    assert_eq!(
+        a.programmed.borrow().clone().unwrap(),
+        BTreeMap::from([(ObjectRef::new("three-tier", "nsg1"), 4)])
+    );
+
+    // The same view again: no nft call.
+    source.set(Some(inv.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.scripts().len(), 1);
+
+    // The resync checks the kernel: the fake lists no table, so it is put back.
+    wait_for(|| fake.scripts().len() == 2).await;
+
+    // Inputs unavailable again (never in practice once synced): nothing is removed.
+    source.set(None);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.scripts().len(), 2);
+    stop_tx.send(()).unwrap();
+    task.await.unwrap();
+}
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    for _ in 0..300 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out");
+}
+
+/// A fake whose listings take time, counting them.
+struct SlowNft {
+    inner: FakeNft,
+    delay: Duration,
+    listings: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::nft::Nft for SlowNft {
+    fn apply(&self, script: &str) -> Result<(), crate::nft::NftError> {
+        self.inner.apply(script)
+    }
+    fn list_table_json(&self, table: &str) -> Result<Option<String>, crate::nft::NftError> {
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(self.delay);
+        self.inner.list_table_json(table)
+    }
+}
+
+#[test]
+fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll() {
+    let slow = Arc::new(SlowNft {
+        inner: FakeNft::default(),
+        delay: dataplane::SLOW_LISTING + Duration::from_millis(20),
+        listings: Default::default(),
+    });
+    let listings = || slow.listings.load(std::sync::atomic::Ordering::Relaxed);
+    let mut dp = Dataplane::new(slow.clone(), "kube-nsg");
+    let inv = three_tier();
+    let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    dp.sync(rs.clone(), false).unwrap();
+    assert_eq!(
+        listings(),
+        1,
+        "the first apply is read back: its cost is not known yet"
+    );
+    assert!(dp.listing_cost() >= dataplane::SLOW_LISTING);
+
+    let mut edited = inv.clone();
+    edited.nsgs[0].rules.retain(|r| r.priority != 100);
+    let rs2 = nft::compile(&Resolved::new(&edited), Some("node-1"));
+    assert_eq!(
+        dp.sync(rs2.clone(), false).unwrap().applied,
+        Applied::Replaced
+    );
+    assert_eq!(listings(), 1, "no listing before or after the replacement");
+
+    // The next poll records the table (its chains and sets are the applied ones).
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs2, &BTreeMap::new()));
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(!drifted);
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(!drifted, "recorded");
+    // Someone puts the old table back: drift.
+    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    let (_, drifted) = dp.read_hits().unwrap();
+    assert!(drifted);
+}
