@@ -167,8 +167,11 @@ async fn create_inventory(client: &Client, sizes: &Sizes) {
         let client = client.clone();
         let pp = pp.clone();
         async move {
-            let ns: Namespace =
-                serde_json::from_value(json!({"metadata": {"name": ns_name(i)}})).unwrap();
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {
+                "name": ns_name(i),
+                "labels": {support::SCOPE_LABEL: support::scope_value()},
+            }}))
+            .unwrap();
             Api::<Namespace>::all(client.clone())
                 .create(&pp, &ns)
                 .await

@@ -61,7 +61,7 @@ impl Source for CacheSource {
         if !self.caches.inputs_synced() {
             return None;
         }
-        let snapshot = Snapshot::of(&self.caches);
+        let snapshot = Snapshot::of(&self.caches, None);
         let mut last_valid = self.last_valid.lock().expect("inputs lock");
         Some(build(&snapshot, &self.virtual_network, &mut last_valid).inventory)
     }

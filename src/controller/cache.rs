@@ -245,8 +245,20 @@ pub fn asg_entry(obj: &ApplicationSecurityGroup) -> Option<ApplicationSecurityGr
 pub fn tag_entry(obj: &ServiceTag) -> Option<ServiceTag> {
     Some(slim(obj.clone()))
 }
-pub fn namespace_entry(obj: &ApiNamespace) -> Option<Namespace> {
-    Some(namespace_from_api(obj))
+/// What the controller keeps of a namespace: its labels, and whether it is being deleted
+/// (the API server refuses new objects in it, so the controller writes nothing there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceEntry {
+    pub namespace: Namespace,
+    pub terminating: bool,
+}
+
+pub fn namespace_entry(obj: &ApiNamespace) -> Option<NamespaceEntry> {
+    Some(NamespaceEntry {
+        namespace: namespace_from_api(obj),
+        terminating: obj.metadata.deletion_timestamp.is_some()
+            || obj.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating"),
+    })
 }
 pub fn policy_entry(obj: &NetworkPolicy) -> Option<ObservedPolicy> {
     Some(ObservedPolicy::from_api(obj))
@@ -266,7 +278,7 @@ macro_rules! same_by_value {
         }
     )*};
 }
-same_by_value!(PodEntry, NodeEntry, Namespace, ObservedPolicy);
+same_by_value!(PodEntry, NodeEntry, NamespaceEntry, ObservedPolicy);
 
 /// API objects kept whole are the same while their resourceVersion is.
 macro_rules! same_by_version {
@@ -406,7 +418,7 @@ pub struct Caches {
     pub asgs: Cache<ApplicationSecurityGroup>,
     pub tags: Cache<ServiceTag>,
     pub pods: Cache<PodEntry>,
-    pub namespaces: Cache<Namespace>,
+    pub namespaces: Cache<NamespaceEntry>,
     pub nodes: Cache<NodeEntry>,
     pub policies: Cache<ObservedPolicy>,
     pub changed: Notify,

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::digest::Digest;
+use crate::analyze::{self, AnomalyKind};
 use crate::api::RuleAnomaly;
 use crate::model::ObjectRef;
 use crate::netpol::{self, Fidelity as NpFidelity};
@@ -71,7 +72,40 @@ fn fidelity(f: &NpFidelity) -> Fidelity {
     }
 }
 
-/// Compiles every group.
+/// How many anomalies a group's status lists (in rule order); the last one says how many
+/// more there are.
+pub const MAX_ANOMALIES: usize = 20;
+
+/// An anomaly as the status shows it. The analyzer's example flow is left out: it names pod
+/// addresses, and a status that changed with them would be rewritten on pod churn (the CLI's
+/// `analyze` shows it).
+fn anomaly(a: &analyze::Anomaly) -> RuleAnomaly {
+    let rule = format!("{} rule {:?} ({})", a.direction, a.rule, a.priority);
+    let related = a.related.join(", ");
+    let message = match a.kind {
+        AnomalyKind::Shadowed if a.related.is_empty() => {
+            format!("{rule} matches nothing, so it never decides")
+        }
+        AnomalyKind::Shadowed => {
+            format!("{rule} never decides: earlier rules ({related}) decide everything it matches")
+        }
+        AnomalyKind::Redundant => format!(
+            "{rule} is redundant: without it, later rules ({related}) would decide its flows alike"
+        ),
+        AnomalyKind::Correlated => format!(
+            "{rule} overlaps the earlier rule {related} with the opposite access; their order decides the flows both match"
+        ),
+    };
+    RuleAnomaly {
+        kind: format!("{:?}", a.kind),
+        rules: std::iter::once(a.rule.clone())
+            .chain(a.related.iter().cloned())
+            .collect(),
+        message,
+    }
+}
+
+/// Compiles every group and analyses its rules.
 pub fn compile(res: &Resolved, mode: Mode) -> Output {
     let compiled = netpol::compile(res, mode);
     let mut out = Output::default();
@@ -84,6 +118,22 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
             .cloned()
             .unwrap_or_default();
         out.policies.push(DesiredPolicy::new(np, owner));
+    }
+    for (i, nsg) in res.inv.nsgs.iter().enumerate() {
+        let found = analyze::analyze(res, i);
+        let mut anomalies: Vec<RuleAnomaly> =
+            found.iter().take(MAX_ANOMALIES).map(anomaly).collect();
+        if let Some(last) = anomalies.last_mut()
+            && found.len() > MAX_ANOMALIES
+        {
+            last.message.push_str(&format!(
+                " ({} more anomalies: `kube-nsg analyze` lists them all)",
+                found.len() - MAX_ANOMALIES
+            ));
+        }
+        if !anomalies.is_empty() {
+            out.anomalies.insert(nsg.id.clone(), anomalies);
+        }
     }
     for report in compiled.report {
         out.fidelity

@@ -2,7 +2,7 @@
 //! controller's caches and one for a single listing of a live cluster (what `kube-nsg verify`
 //! without `-f` uses), both through the same conversion so they cannot disagree.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -17,7 +17,8 @@ use super::cache::{
 use super::policy::ObservedPolicy;
 use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag as ApiServiceTag};
 use crate::model::{
-    ASG_ANNOTATION, Asg, Inventory, Namespace, Nsg, ObjectRef, Pod, ServiceTag, ValidationErrors,
+    ASG_ANNOTATION, Asg, Inventory, LabelSelector, Namespace, Nsg, ObjectRef, Operator, Pod,
+    Requirement, ServiceTag, ValidationErrors,
 };
 
 pub use crate::netpol::is_managed_label;
@@ -32,20 +33,92 @@ pub struct Snapshot {
     pub namespaces: Vec<Arc<Namespace>>,
     pub nodes: Vec<Arc<NodeEntry>>,
     pub policies: Vec<Arc<ObservedPolicy>>,
+    /// Namespaces being deleted.
+    pub terminating: HashSet<String>,
 }
 
 impl Snapshot {
-    pub fn of(c: &Caches) -> Self {
-        Snapshot {
+    /// A snapshot of the caches, restricted to a namespace selector (see [`Snapshot::scope`]).
+    pub fn of(c: &Caches, scope: Option<&LabelSelector>) -> Self {
+        let namespaces = c.namespaces.snapshot();
+        let snap = Snapshot {
             nsgs: c.nsgs.snapshot(),
             asgs: c.asgs.snapshot(),
             tags: c.tags.snapshot(),
             pods: c.pods.snapshot(),
-            namespaces: c.namespaces.snapshot(),
+            namespaces: namespaces
+                .iter()
+                .map(|n| Arc::new(n.namespace.clone()))
+                .collect(),
             nodes: c.nodes.snapshot(),
             policies: c.policies.snapshot(),
+            terminating: namespaces
+                .iter()
+                .filter(|n| n.terminating)
+                .map(|n| n.namespace.name.clone())
+                .collect(),
+        };
+        snap.scope(scope)
+    }
+
+    /// Keeps only the namespaces the selector selects, with their NSGs, ASGs, pods and
+    /// NetworkPolicies (every node and service tag stays).
+    pub fn scope(mut self, scope: Option<&LabelSelector>) -> Self {
+        let Some(sel) = scope else { return self };
+        let selected: HashSet<String> = self
+            .namespaces
+            .iter()
+            .filter(|n| sel.matches(&n.labels))
+            .map(|n| n.name.clone())
+            .collect();
+        let in_scope = |ns: &str| selected.contains(ns);
+        self.nsgs.retain(|o| in_scope(&o.namespace));
+        self.asgs
+            .retain(|o| in_scope(o.metadata.namespace.as_deref().unwrap_or("")));
+        self.pods.retain(|o| in_scope(&o.namespace));
+        self.policies.retain(|o| in_scope(&o.namespace));
+        self.namespaces.retain(|n| in_scope(&n.name));
+        self
+    }
+
+    /// Whether the API server would refuse writes in this namespace (it is being deleted).
+    pub fn terminating(&self, namespace: &str) -> bool {
+        self.terminating.contains(namespace)
+    }
+}
+
+/// Parses a namespace selector written like kubectl's `-l`: comma-separated `key=value`,
+/// `key==value`, `key!=value`, `key` (exists) and `!key` (does not exist).
+pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
+    let mut sel = LabelSelector::default();
+    for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let requirement = |key: &str, operator, values: Vec<String>| Requirement {
+            key: key.trim().to_string(),
+            operator,
+            values,
+        };
+        if let Some((k, v)) = term.split_once("!=") {
+            sel.match_expressions
+                .push(requirement(k, Operator::NotIn, vec![v.trim().to_string()]));
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            sel.match_labels
+                .insert(k.trim().to_string(), v.trim().to_string());
+        } else if let Some(k) = term.strip_prefix('!') {
+            sel.match_expressions
+                .push(requirement(k, Operator::DoesNotExist, vec![]));
+        } else if term
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            sel.match_expressions
+                .push(requirement(term, Operator::Exists, vec![]));
+        } else {
+            return Err(format!(
+                "{term:?} is not key=value, key!=value, key or !key"
+            ));
         }
     }
+    Ok(sel)
 }
 
 /// How one NetworkSecurityGroup object entered the inventory.
@@ -207,15 +280,28 @@ pub async fn inventory_from_cluster(
     client: &Client,
     virtual_network: &[IpNet],
 ) -> Result<LiveInventory, kube::Error> {
+    scoped_inventory_from_cluster(client, virtual_network, None).await
+}
+
+/// [`inventory_from_cluster`] restricted to the namespaces a selector selects, as a
+/// controller with `--namespace-selector` sees it.
+pub async fn scoped_inventory_from_cluster(
+    client: &Client,
+    virtual_network: &[IpNet],
+    scope: Option<&LabelSelector>,
+) -> Result<LiveInventory, kube::Error> {
     let snap = Snapshot {
         nsgs: list::<NetworkSecurityGroup, _>(client, nsg_entry).await?,
         asgs: list::<ApplicationSecurityGroup, _>(client, asg_entry).await?,
         tags: list::<ApiServiceTag, _>(client, tag_entry).await?,
         pods: list::<ApiPod, _>(client, PodEntry::from_api).await?,
-        namespaces: list::<ApiNamespace, _>(client, namespace_entry).await?,
+        namespaces: list::<ApiNamespace, _>(client, |n| namespace_entry(n).map(|e| e.namespace))
+            .await?,
         nodes: list::<Node, _>(client, NodeEntry::from_api).await?,
         policies: Vec::new(),
-    };
+        terminating: HashSet::new(),
+    }
+    .scope(scope);
     let built = build(&snap, virtual_network, &mut HashMap::new());
     let invalid = built
         .nsgs
@@ -296,6 +382,22 @@ mod tests {
         assert_eq!(built.nsgs[0].model, None);
         assert!(built.inventory.nsgs.is_empty());
         assert!(last.is_empty(), "the deleted object's model is forgotten");
+    }
+
+    #[test]
+    fn namespace_selectors_parse_like_kubectl() {
+        let sel = parse_selector("team=a, env!=prod,owned,!legacy").unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(sel.matches(&labels(&[("team", "a"), ("owned", "")])));
+        assert!(!sel.matches(&labels(&[("team", "a"), ("owned", ""), ("env", "prod")])));
+        assert!(!sel.matches(&labels(&[("team", "a"), ("owned", ""), ("legacy", "1")])));
+        assert!(!sel.matches(&labels(&[("team", "b"), ("owned", "")])));
+        assert!(parse_selector("a in (b)").is_err());
     }
 
     #[test]

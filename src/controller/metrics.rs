@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `kube_nsg_reconciles_total` | counter | reconcile passes run (leader and follower) |
 //! | `kube_nsg_reconcile_errors_total` | counter | passes that ended with at least one failed write |
+//! | `kube_nsg_compiles_total` | counter | passes whose model changed, so the compilers ran |
 //! | `kube_nsg_reconcile_duration_seconds` | histogram | time of one pass, writes included |
 //! | `kube_nsg_api_writes_total{resource,verb}` | counter | every write request sent to the API server (Lease renewals excluded); zero growth on a no-op pass |
 //! | `kube_nsg_lease_writes_total` | counter | Lease creates, renewals, takeovers and releases |
@@ -46,6 +47,7 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     reconcile_errors: Counter,
+    compiles: Counter,
     reconcile_duration: Histogram,
     writes: Family<WriteLabels, Counter>,
     lease_writes: Counter,
@@ -66,6 +68,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kube_nsg");
         let reconciles = Counter::default();
         let reconcile_errors = Counter::default();
+        let compiles = Counter::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let writes = Family::<WriteLabels, Counter>::default();
         let lease_writes = Counter::default();
@@ -78,6 +81,11 @@ impl Metrics {
             "reconcile_errors",
             "Reconcile passes that ended with at least one failed write",
             reconcile_errors.clone(),
+        );
+        registry.register(
+            "compiles",
+            "Passes whose model changed, so the compilers ran",
+            compiles.clone(),
         );
         registry.register_with_unit(
             "reconcile_duration",
@@ -119,6 +127,7 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_errors,
+            compiles,
             reconcile_duration,
             writes,
             lease_writes,
@@ -135,6 +144,10 @@ impl Metrics {
             self.reconcile_errors.inc();
         }
         self.reconcile_duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn compiled(&self) {
+        self.compiles.inc();
     }
 
     pub fn write(&self, resource: &str, verb: &str) {

@@ -54,7 +54,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 pub use compile::Mode;
-pub use inventory::{LiveInventory, inventory_from_cluster};
+pub use inventory::{LiveInventory, inventory_from_cluster, scoped_inventory_from_cluster};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -134,6 +134,13 @@ pub struct ControllerArgs {
     /// Wait this long after a change before a pass, so bursts of changes coalesce.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub debounce: Duration,
+    /// Manage only the namespaces whose labels match (kubectl `-l` syntax: `k=v`, `k!=v`, `k`,
+    /// `!k`, comma-separated): their NSGs, ASGs, pods and NetworkPolicies; the rest of the
+    /// cluster is not part of the model (pods elsewhere count in VirtualNetwork only through
+    /// --virtual-network). Of the (cluster-scoped) ServiceTags, all can be referenced, and
+    /// the status of those whose own labels match is written.
+    #[arg(long, value_parser = inventory::parse_selector)]
+    pub namespace_selector: Option<crate::model::LabelSelector>,
     /// Write requests in flight at once.
     #[arg(long, default_value = "16")]
     pub write_concurrency: usize,
@@ -269,6 +276,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         virtual_network: args.virtual_network.clone(),
         concurrency: args.write_concurrency.max(1),
         identity,
+        scope: args.namespace_selector.clone(),
     };
     let mut reconciler = reconcile::Reconciler::new(
         client.clone(),

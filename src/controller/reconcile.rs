@@ -30,7 +30,7 @@ use super::status::{self, NsgFacts, Programmed, Summaries};
 use crate::api::{
     ApplicationSecurityGroup, NetworkSecurityGroup, NetworkSecurityGroupStatus, ServiceTag,
 };
-use crate::model::{Nsg, ObjectRef};
+use crate::model::{LabelSelector, Nsg, ObjectRef};
 use crate::resolve::Resolved;
 
 /// Field manager of NetworkPolicies and statuses.
@@ -49,6 +49,8 @@ pub struct Settings {
     pub concurrency: usize,
     /// Reported as the Events' reporting instance.
     pub identity: String,
+    /// Only the namespaces this selects are managed (`--namespace-selector`).
+    pub scope: Option<LabelSelector>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +62,10 @@ enum WriteError {
 }
 
 impl WriteError {
+    /// The object is gone, or its namespace is being deleted: nothing to retry.
     fn not_found(&self) -> bool {
-        matches!(self, WriteError::Kube(kube::Error::Api(s)) if s.code == 404)
+        matches!(self, WriteError::Kube(kube::Error::Api(s))
+            if s.code == 404 || (s.code == 403 && s.message.contains("being terminated")))
     }
 }
 
@@ -160,7 +164,7 @@ impl Reconciler {
             last: Some(Instant::now()),
             phases: Vec::new(),
         };
-        let snap = Snapshot::of(&self.caches);
+        let snap = Snapshot::of(&self.caches, self.settings.scope.as_ref());
         let built = inventory::build(&snap, &self.settings.virtual_network, &mut self.last_valid);
         timer.mark("build");
         let inventory_digest = digest::of_stream(&built.inventory);
@@ -168,6 +172,8 @@ impl Reconciler {
             Some((d, out)) if *d == inventory_digest => out.clone(),
             _ => {
                 let res = Resolved::new(&built.inventory);
+                debug!("the model changed: compiling");
+                self.metrics.compiled();
                 Arc::new(compile::compile(&res, self.settings.mode))
             }
         };
@@ -222,6 +228,9 @@ impl Reconciler {
             let uid = snap.nsgs[owner].uid.as_str();
             desired_keys.insert((p.namespace.as_str(), p.name.as_str()));
             policy_names[owner].push(p.name.clone());
+            if snap.terminating(&p.namespace) {
+                continue;
+            }
             match observed.get(&(p.namespace.as_str(), p.name.as_str())) {
                 Some(np) if np.owner_uid.is_none() => {
                     programmed[owner] = Programmed::NotOwned(format!(
@@ -244,6 +253,7 @@ impl Reconciler {
             match result {
                 Ok(writes) => report.writes += writes,
                 Err(WriteError::NotLeader) => report.aborted = true,
+                Err(e) if e.not_found() => report.writes += 1,
                 Err(e) => {
                     report.writes += 1;
                     report.failures += 1;
@@ -271,7 +281,7 @@ impl Reconciler {
             if !desired.is_empty() {
                 labelled += 1;
             }
-            if entry.deleting {
+            if entry.deleting || snap.terminating(&entry.namespace) {
                 continue;
             }
             let current: BTreeMap<&str, &str> = entry
@@ -324,6 +334,9 @@ impl Reconciler {
                 continue;
             };
             let key = (np.namespace.as_str(), np.name.as_str());
+            if snap.terminating(&np.namespace) {
+                continue;
+            }
             if desired_keys.contains(&key) {
                 continue;
             }
@@ -370,6 +383,9 @@ impl Reconciler {
         let refs = status::references(&res);
         let mut status_writes = Vec::new();
         for (i, obj) in snap.nsgs.iter().enumerate() {
+            if snap.terminating(&obj.namespace) {
+                continue;
+            }
             let state = &built.nsgs[i];
             let id = ObjectRef::new(&obj.namespace, &obj.name);
             let mut names = std::mem::take(&mut policy_names[i]);
@@ -396,6 +412,9 @@ impl Reconciler {
         }
         for obj in &snap.asgs {
             let id = ObjectRef::new(obj.namespace().unwrap_or_default(), obj.name_any());
+            if snap.terminating(&id.namespace) {
+                continue;
+            }
             let conds = status::asg_conditions(built.asg_errors.get(&id));
             let observed_conditions = obj
                 .status
@@ -413,7 +432,15 @@ impl Reconciler {
                 serde_json::to_value(&desired).unwrap_or_default(),
             ));
         }
-        for obj in &snap.tags {
+        // Service tags are cluster-scoped: a controller scoped to some namespaces sees only
+        // part of their references, so it writes the status of the tags whose own labels
+        // match its selector, and leaves the others to the controller they belong to.
+        let scope = self.settings.scope.as_ref();
+        let tags = snap
+            .tags
+            .iter()
+            .filter(|t| scope.is_none_or(|sel| sel.matches(t.labels())));
+        for obj in tags {
             let name = obj.name_any();
             let conds = status::asg_conditions(built.tag_errors.get(&name));
             let observed_conditions = obj

@@ -170,6 +170,26 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// The label every namespace of this test process carries, and that its controllers select
+/// (`--namespace-selector`): the local control plane is shared with other test suites, whose
+/// objects a controller must neither count nor touch.
+pub const SCOPE_LABEL: &str = "kubensg.io/e2e";
+
+pub fn scope_value() -> String {
+    format!("run-{}", std::process::id())
+}
+
+/// Puts a namespace in this process's scope.
+pub fn scope_namespace(ns: &str) {
+    kubectl_ok(&[
+        "label",
+        "namespace",
+        ns,
+        &format!("{SCOPE_LABEL}={}", scope_value()),
+        "--overwrite",
+    ]);
+}
+
 pub fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!(
@@ -188,7 +208,8 @@ impl TestNamespace {
     pub fn new(prefix: &str) -> Self {
         let name = unique(prefix);
         apply_ok(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{SCOPE_LABEL}: {}}}\n",
+            scope_value()
         ));
         TestNamespace { name }
     }
@@ -312,6 +333,8 @@ fn free_port() -> u16 {
 /// A `kube-nsg controller` child process.
 pub struct Controller {
     child: Option<Child>,
+    /// The Lease this controller made up for itself, deleted when it is dropped.
+    own_lease: Option<String>,
     pub port: u16,
     pub log: PathBuf,
     pub name: String,
@@ -337,11 +360,21 @@ impl Controller {
             "--identity".into(),
             name.into(),
         ];
-        if !extra.contains(&"--lease-name") {
-            args.extend(["--lease-name".into(), unique("kube-nsg-e2e")]);
+        args.extend([
+            "--namespace-selector".into(),
+            format!("{SCOPE_LABEL}={}", scope_value()),
+        ]);
+        let own_lease = (!extra.contains(&"--lease-name")).then(|| unique("kube-nsg-e2e"));
+        if let Some(lease) = &own_lease {
+            args.extend(["--lease-name".into(), lease.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_kube-nsg"))
+        // KUBE_NSG_E2E_WRAP runs the controller under a tool, e.g. "heaptrack -o /tmp/ht".
+        let wrap = std::env::var("KUBE_NSG_E2E_WRAP").unwrap_or_default();
+        let mut argv: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+        argv.push(env!("CARGO_BIN_EXE_kube-nsg").into());
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .args(&args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube_nsg=debug")
@@ -351,6 +384,7 @@ impl Controller {
             .expect("the kube-nsg binary runs");
         let c = Controller {
             child: Some(child),
+            own_lease,
             port,
             log,
             name: name.into(),
@@ -445,6 +479,9 @@ impl Drop for Controller {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(lease) = self.own_lease.take() {
+            delete_lease(&lease);
+        }
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
@@ -458,6 +495,18 @@ impl Drop for Controller {
             }
         }
     }
+}
+
+/// Deletes a leader-election Lease the tests made.
+pub fn delete_lease(name: &str) {
+    kubectl(&[
+        "delete",
+        "lease",
+        name,
+        "-n",
+        "kube-system",
+        "--ignore-not-found",
+    ]);
 }
 
 pub fn metric_sum(text: &str, name: &str) -> f64 {
