@@ -9,7 +9,8 @@
 //! not pay for. It watches the agents' Leases, re-evaluates when a report's programmed
 //! generations change and once a second (liveness is a matter of time), and server-side
 //! applies only the condition and the field, with a field manager of its own
-//! (`kube-nsg-dataplane`), only when they change. Only the leader writes.
+//! (`kube-nsg-dataplane`), only when they change. Only the leader writes, and only in the
+//! namespaces of its scope (`--namespace-selector`) that are not being deleted.
 //!
 //! | status | reason | when |
 //! |---|---|---|
@@ -18,7 +19,7 @@
 //! | False | `NotAccepted` | the current generation is invalid; nodes keep the last valid one |
 //! | False | `NoAgents` | no live agent reports (the agent is not deployed, or not running) |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ use super::metrics::Metrics;
 use super::status::{self, Cond};
 use crate::agent::report::{NODE_LABEL, NodeReport};
 use crate::api::NetworkSecurityGroup;
-use crate::model::ObjectRef;
+use crate::model::{LabelSelector, ObjectRef};
 
 pub const DATAPLANE_PROGRAMMED: &str = "DataplaneProgrammed";
 /// The field manager of these writes (the rest of the status is `kube-nsg`'s).
@@ -151,6 +152,7 @@ pub async fn run(
     client: Client,
     caches: Arc<Caches>,
     namespace: String,
+    scope: Option<LabelSelector>,
     metrics: Arc<Metrics>,
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
@@ -196,8 +198,24 @@ pub async fn run(
             .values()
             .filter(|r| r.is_live(now))
             .collect();
+        // The controller's scope (`--namespace-selector`); nothing is written in a namespace
+        // being deleted.
+        let namespaces = caches.namespaces.snapshot();
+        let writable: HashSet<&str> = namespaces
+            .iter()
+            .filter(|n| !n.terminating)
+            .filter(|n| {
+                scope
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&n.namespace.labels))
+            })
+            .map(|n| n.namespace.name.as_str())
+            .collect();
         let mut writes = vec![];
         for entry in caches.nsgs.snapshot() {
+            if !writable.contains(entry.namespace.as_str()) {
+                continue;
+            }
             let id = ObjectRef::new(&entry.namespace, &entry.name);
             let (cond, field) = dataplane_status(&id, entry.generation, entry.model.is_ok(), &live);
             let desired = (cond, field);
@@ -240,7 +258,7 @@ pub async fn run(
                 }
             }
         }
-        let live_uids: std::collections::HashSet<String> = caches
+        let live_uids: HashSet<String> = caches
             .nsgs
             .snapshot()
             .iter()

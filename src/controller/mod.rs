@@ -266,6 +266,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         client.clone(),
         caches.clone(),
         args.agent_namespace.clone(),
+        args.namespace_selector.clone(),
         metrics.clone(),
         leader_rx.clone(),
         shutdown_rx.clone(),
