@@ -7,7 +7,8 @@
 //! A small loop of its own rather than part of the reconcile pass: heartbeats arrive every few
 //! seconds per node and change nothing but liveness, which a pass over the whole model should
 //! not pay for. It watches the agents' Leases, re-evaluates when a report's programmed
-//! generations change and once a second (liveness is a matter of time), and server-side
+//! generations change, when the caches change (a new NSG gets its condition at once) and once
+//! a second (liveness is a matter of time), and server-side
 //! applies only the condition and the field, with a field manager of its own
 //! (`kube-nsg-dataplane`), only when they change. Only the leader writes, and only in the
 //! namespaces of its scope (`--namespace-selector`) that are not being deleted.
@@ -168,10 +169,20 @@ pub async fn run(
     let mut written: HashMap<String, (Cond, String)> = HashMap::new();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cache_changes = caches.version.subscribe();
+    let mut coalesce = false;
     loop {
         let evaluate = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = ticks.tick() => true,
+            // A new or changed NSG gets its condition with its first status, not a second later.
+            r = cache_changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                coalesce = true;
+                true
+            }
             r = leader.changed() => {
                 if r.is_err() {
                     break;
@@ -189,6 +200,12 @@ pub async fn run(
                 Some(Ok(ev)) => apply_event(&mut reports, &mut pending_init, ev),
             },
         };
+        if coalesce {
+            // Bursts of cache changes (pod churn) make one evaluation.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cache_changes.borrow_and_update();
+            coalesce = false;
+        }
         if !evaluate || !*leader.borrow() || !reports.synced || !caches.nsgs.is_synced() {
             continue;
         }
