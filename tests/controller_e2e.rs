@@ -968,14 +968,21 @@ fn a_restarted_controller_makes_no_writes() {
     // model did not change during it: another suite sharing the control plane may register
     // nodes, which changes policies (and so writes) legitimately.
     let compiles = "kube_nsg_compiles_total";
+    // Likewise the dataplane status follows the agents' Leases, which other suites' agents
+    // renew or let expire: a window counts only when it stayed the same.
+    let dataplane = || {
+        get_json(&["networksecuritygroup", "main", "-n", n])
+            .map(|o| o["status"]["dataplane"].clone())
+    };
     let resync_writes = eventually("a quiet window with resync passes", T, || {
-        let (w, c, p) = (
+        let (w, c, p, d) = (
             ctl.writes(),
             ctl.metric(compiles),
             ctl.metric("kube_nsg_reconciles_total"),
+            dataplane(),
         );
         std::thread::sleep(Duration::from_secs(5));
-        let quiet = ctl.metric(compiles) == c;
+        let quiet = ctl.metric(compiles) == c && dataplane() == d;
         let passes = ctl.metric("kube_nsg_reconciles_total") - p;
         (quiet && passes >= 2.0).then(|| ctl.writes() - w)
     });

@@ -20,7 +20,7 @@
 //! | False | `NotAccepted` | the current generation is invalid; nodes keep the last valid one |
 //! | False | `NoAgents` | no live agent reports (the agent is not deployed, or not running) |
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ use super::metrics::Metrics;
 use super::status::{self, Cond};
 use crate::agent::report::{NODE_LABEL, NodeReport};
 use crate::api::NetworkSecurityGroup;
-use crate::model::{LabelSelector, ObjectRef};
+use crate::model::ObjectRef;
 
 pub const DATAPLANE_PROGRAMMED: &str = "DataplaneProgrammed";
 /// The field manager of these writes (the rest of the status is `kube-nsg`'s).
@@ -153,8 +153,8 @@ pub async fn run(
     client: Client,
     caches: Arc<Caches>,
     namespace: String,
-    scope: Option<LabelSelector>,
     metrics: Arc<Metrics>,
+    scope: Option<crate::model::LabelSelector>,
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -215,22 +215,12 @@ pub async fn run(
             .values()
             .filter(|r| r.is_live(now))
             .collect();
-        // The controller's scope (`--namespace-selector`); nothing is written in a namespace
-        // being deleted.
-        let namespaces = caches.namespaces.snapshot();
-        let writable: HashSet<&str> = namespaces
-            .iter()
-            .filter(|n| !n.terminating)
-            .filter(|n| {
-                scope
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&n.namespace.labels))
-            })
-            .map(|n| n.namespace.name.as_str())
-            .collect();
+        // Only the groups of the namespaces this controller manages (`--namespace-selector`),
+        // and none in a namespace being deleted.
+        let snap = super::inventory::Snapshot::of(&caches, scope.as_ref());
         let mut writes = vec![];
-        for entry in caches.nsgs.snapshot() {
-            if !writable.contains(entry.namespace.as_str()) {
+        for entry in snap.nsgs.iter().cloned() {
+            if snap.terminating(&entry.namespace) {
                 continue;
             }
             let id = ObjectRef::new(&entry.namespace, &entry.name);
@@ -275,12 +265,8 @@ pub async fn run(
                 }
             }
         }
-        let live_uids: HashSet<String> = caches
-            .nsgs
-            .snapshot()
-            .iter()
-            .map(|e| e.uid.clone())
-            .collect();
+        let live_uids: std::collections::HashSet<String> =
+            snap.nsgs.iter().map(|e| e.uid.clone()).collect();
         written.retain(|uid, _| live_uids.contains(uid));
     }
 }

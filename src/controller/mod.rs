@@ -266,8 +266,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         client.clone(),
         caches.clone(),
         args.agent_namespace.clone(),
-        args.namespace_selector.clone(),
         metrics.clone(),
+        args.namespace_selector.clone(),
         leader_rx.clone(),
         shutdown_rx.clone(),
     ));

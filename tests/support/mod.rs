@@ -363,6 +363,10 @@ impl Controller {
         args.extend([
             "--namespace-selector".into(),
             format!("{SCOPE_LABEL}={}", scope_value()),
+            // No node agent reports here: the dataplane status stays "no agents" whatever
+            // agents other suites on this control plane start and stop.
+            "--agent-namespace".into(),
+            "kube-nsg-e2e-no-agents".into(),
         ]);
         let own_lease = (!extra.contains(&"--lease-name")).then(|| unique("kube-nsg-e2e"));
         if let Some(lease) = &own_lease {
