@@ -9,8 +9,9 @@
 //! not pay for. It watches the agents' Leases, re-evaluates when a report's programmed
 //! generations change, when the caches change (a new NSG gets its condition at once) and once
 //! a second (liveness is a matter of time), and server-side applies only the condition and the
-//! field, with a field manager of its own (`kube-nsg-dataplane`), only when they change. Only the leader writes, and only in the
-//! namespaces of its scope (`--namespace-selector`) that are not being deleted.
+//! field, with a field manager of its own (`kube-nsg-dataplane`), only when they change. Only
+//! the leader writes, and only in the namespaces of its scope (`--namespace-selector`) that
+//! are not being deleted.
 //!
 //! | status | reason | when |
 //! |---|---|---|
