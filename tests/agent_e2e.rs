@@ -29,6 +29,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const REPORT_NS: &str = "agent-e2e-report";
 
+/// A namespace name of this run: a namespace of an earlier run may still be terminating.
+fn unique(base: &str) -> String {
+    format!("{base}-{}", std::process::id())
+}
+
 /// examples/three-tier in namespace `ns`, its pods' addresses moved to 10.244.OCTET.0/24.
 fn three_tier(ns: &str, octet: u8) -> PathBuf {
     copy_example(
@@ -93,7 +98,8 @@ fn delete_namespaces(names: &[&str]) {
 async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    let ns = "agent-e2e-3tier";
+    let ns = unique("agent-e2e-3tier");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 71);
     let files = vec![dir.clone()];
@@ -196,19 +202,18 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subnet_and_nic_matches_the_evaluator() {
     let _serial = SERIAL.lock().await;
-    let client = setup(&[
-        "agent-e2e-subnet1",
-        "agent-e2e-subnet2",
-        "agent-e2e-subnet3",
-    ])
-    .await;
+    let names: Vec<String> = (1..=3)
+        .map(|i| unique(&format!("agent-e2e-subnet{i}")))
+        .collect();
+    let [s1, s2, s3] = [names[0].as_str(), names[1].as_str(), names[2].as_str()];
+    let client = setup(&[s1, s2, s3]).await;
     let dir = copy_example(
         "subnet-and-nic",
         "subnet-and-nic",
         &[
-            ("subnet1", "agent-e2e-subnet1"),
-            ("subnet2", "agent-e2e-subnet2"),
-            ("subnet3", "agent-e2e-subnet3"),
+            ("subnet1", s1),
+            ("subnet2", s2),
+            ("subnet3", s3),
             ("10.244.2.", "10.244.82."),
             ("10.244.3.", "10.244.83."),
             ("10.244.4.", "10.244.84."),
@@ -220,7 +225,7 @@ async fn subnet_and_nic_matches_the_evaluator() {
     let mut agent = start_agent("subnet-and-nic", &AgentConfig::new(REPORT_NS));
     agent.wait_ready(Duration::from_secs(30)).await;
     apply_groups(&dir);
-    let nsgs = nsgs_in(&client, &["agent-e2e-subnet1", "agent-e2e-subnet2"]).await;
+    let nsgs = nsgs_in(&client, &[s1, s2]).await;
     assert_eq!(nsgs.len(), 3);
     wait_programmed(&client, REPORT_NS, &nsgs, &[], &agent).await;
     let inventory = inventory(&lab, &files);
@@ -229,16 +234,12 @@ async fn subnet_and_nic_matches_the_evaluator() {
     // Azure's example: vm1 takes HTTP from the Internet only because both its subnet group
     // and its interface group allow it; every flow was checked above, spot-check that one.
     let vm1 = report
-        .find("internet", "agent-e2e-subnet1/vm1", Target::Tcp(80))
+        .find("internet", &format!("{s1}/vm1"), Target::Tcp(80))
         .unwrap();
     assert_eq!(vm1.measured, Outcome::Allowed, "{}", vm1.describe());
     drop(agent);
     lab.down().await.expect("lab down");
-    delete_namespaces(&[
-        "agent-e2e-subnet1",
-        "agent-e2e-subnet2",
-        "agent-e2e-subnet3",
-    ]);
+    delete_namespaces(&[s1, s2, s3]);
 }
 
 /// Seeds of the random scenarios: `KUBE_NSG_E2E_SEEDS=1,2,3` or the default six.
@@ -252,7 +253,7 @@ fn seeds() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_scenarios_match_the_evaluator() {
     let _serial = SERIAL.lock().await;
-    let layout = Layout::new("agent-e2e-rand", 90);
+    let layout = Layout::new(&unique("agent-e2e-rand"), 90);
     let client = setup(&[&layout.a, &layout.b]).await;
     let root = std::env::temp_dir().join("kube-nsg-agent-e2e-random");
     let _ = std::fs::remove_dir_all(&root);
@@ -355,7 +356,8 @@ fn without_rule(dir: &std::path::Path, rule: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_rule_keeps_established_connections() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-established";
+    let ns = unique("agent-e2e-established");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 72);
     let lab = Lab::up(std::slice::from_ref(&dir), &client)
@@ -415,7 +417,8 @@ async fn removing_a_rule_keeps_established_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-restart";
+    let ns = unique("agent-e2e-restart");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 73);
     let files = vec![dir.clone()];
@@ -501,7 +504,8 @@ async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_nsg_restores_full_connectivity() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-delete";
+    let ns = unique("agent-e2e-delete");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 74);
     let files = vec![dir.clone()];
@@ -551,7 +555,8 @@ async fn deleting_an_nsg_restores_full_connectivity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-churn";
+    let ns = unique("agent-e2e-churn");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 75);
     let files = vec![dir.clone()];
@@ -719,7 +724,8 @@ impl Drop for ApiRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-offline";
+    let ns = unique("agent-e2e-offline");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 76);
     let files = vec![dir.clone()];
@@ -795,7 +801,8 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-cleanup";
+    let ns = unique("agent-e2e-cleanup");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 77);
     let files = vec![dir.clone()];
@@ -877,7 +884,8 @@ fn ping_from_node(ip: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_traffic_is_enforced_or_exempt() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-host";
+    let ns = unique("agent-e2e-host");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 78);
     let lab = Lab::up(std::slice::from_ref(&dir), &client)
@@ -917,7 +925,8 @@ async fn host_traffic_is_enforced_or_exempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_agents_daemonset_removes_the_table_a_restart_does_not() {
     let _serial = SERIAL.lock().await;
-    let ns = "agent-e2e-uninstall";
+    let ns = unique("agent-e2e-uninstall");
+    let ns = ns.as_str();
     let client = setup(&[ns]).await;
     let dir = three_tier(ns, 79);
     let files = vec![dir.clone()];

@@ -357,8 +357,7 @@ impl Agent {
                     self.metrics.drift_repaired();
                     warn!("the table differed from what the agent applied; replaced it");
                 }
-                let level_info = outcome.applied != Applied::Unchanged;
-                if level_info {
+                if outcome.applied != Applied::Unchanged {
                     info!(applied = ?outcome.applied, nsgs = programmed.len(), ms = elapsed.as_secs_f64() * 1e3, "synced");
                 } else {
                     debug!(ms = elapsed.as_secs_f64() * 1e3, "sync: unchanged");

@@ -424,6 +424,9 @@ pub struct Caches {
     pub nodes: Cache<NodeEntry>,
     pub policies: Cache<ObservedPolicy>,
     pub changed: Notify,
+    /// Counts the changes, for other observers than the reconcile loop (the dataplane
+    /// status loop), which `changed` (a single waiter) cannot serve.
+    pub version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Caches {
@@ -437,6 +440,7 @@ impl Default for Caches {
             nodes: Cache::new("Node"),
             policies: Cache::new("NetworkPolicy"),
             changed: Notify::new(),
+            version: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -593,6 +597,7 @@ where
             if changed {
                 debug!(kind, "cache changed");
                 caches.changed.notify_one();
+                caches.version.send_modify(|v| *v += 1);
             }
             metrics.set_cached(kind, store(&caches).len());
         }

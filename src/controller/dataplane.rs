@@ -7,9 +7,11 @@
 //! A small loop of its own rather than part of the reconcile pass: heartbeats arrive every few
 //! seconds per node and change nothing but liveness, which a pass over the whole model should
 //! not pay for. It watches the agents' Leases, re-evaluates when a report's programmed
-//! generations change and once a second (liveness is a matter of time), and server-side
-//! applies only the condition and the field, with a field manager of its own
-//! (`kube-nsg-dataplane`), only when they change. Only the leader writes.
+//! generations change, when the caches change (a new NSG gets its condition at once) and once
+//! a second (liveness is a matter of time), and server-side applies only the condition and the
+//! field, with a field manager of its own (`kube-nsg-dataplane`), only when they change. Only
+//! the leader writes, and only in the namespaces of its scope (`--namespace-selector`) that
+//! are not being deleted.
 //!
 //! | status | reason | when |
 //! |---|---|---|
@@ -156,8 +158,6 @@ pub async fn run(
     mut leader: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Only the groups of the namespaces this controller manages (`--namespace-selector`).
-    let nsgs_in_scope = || super::inventory::Snapshot::of(&caches, scope.as_ref()).nsgs;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let mut events = watcher(leases, watcher::Config::default().labels(NODE_LABEL))
         .default_backoff()
@@ -169,10 +169,20 @@ pub async fn run(
     let mut written: HashMap<String, (Cond, String)> = HashMap::new();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cache_changes = caches.version.subscribe();
+    let mut coalesce = false;
     loop {
         let evaluate = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = ticks.tick() => true,
+            // A new or changed NSG gets its condition with its first status, not a second later.
+            r = cache_changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                coalesce = true;
+                true
+            }
             r = leader.changed() => {
                 if r.is_err() {
                     break;
@@ -190,6 +200,12 @@ pub async fn run(
                 Some(Ok(ev)) => apply_event(&mut reports, &mut pending_init, ev),
             },
         };
+        if coalesce {
+            // Bursts of cache changes (pod churn) make one evaluation.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cache_changes.borrow_and_update();
+            coalesce = false;
+        }
         if !evaluate || !*leader.borrow() || !reports.synced || !caches.nsgs.is_synced() {
             continue;
         }
@@ -199,8 +215,14 @@ pub async fn run(
             .values()
             .filter(|r| r.is_live(now))
             .collect();
+        // Only the groups of the namespaces this controller manages (`--namespace-selector`),
+        // and none in a namespace being deleted.
+        let snap = super::inventory::Snapshot::of(&caches, scope.as_ref());
         let mut writes = vec![];
-        for entry in nsgs_in_scope() {
+        for entry in snap.nsgs.iter().cloned() {
+            if snap.terminating(&entry.namespace) {
+                continue;
+            }
             let id = ObjectRef::new(&entry.namespace, &entry.name);
             let (cond, field) = dataplane_status(&id, entry.generation, entry.model.is_ok(), &live);
             let desired = (cond, field);
@@ -244,7 +266,7 @@ pub async fn run(
             }
         }
         let live_uids: std::collections::HashSet<String> =
-            nsgs_in_scope().iter().map(|e| e.uid.clone()).collect();
+            snap.nsgs.iter().map(|e| e.uid.clone()).collect();
         written.retain(|uid, _| live_uids.contains(uid));
     }
 }
