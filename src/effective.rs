@@ -94,6 +94,9 @@ pub struct EffectiveRule {
     pub default: bool,
     pub source_expansion: Expansion,
     pub destination_expansion: Expansion,
+    /// New flows this rule decided, summed over the nodes' agents; known in live mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hits: Option<u64>,
 }
 
 impl EffectiveRule {
@@ -116,6 +119,7 @@ impl EffectiveRule {
             default: rule.is_default,
             source_expansion: expand(res, &rule.source),
             destination_expansion: expand(res, &rule.destination),
+            hits: None,
         }
     }
 }

@@ -181,9 +181,25 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
         metric(&metrics, "kube_nsg_agent_sync_errors_total"),
         Some(0.0)
     );
-    // The same counts through the library function the CLI uses.
-    let all = kube_nsg::agent::rule_hits(&client).await.unwrap();
-    assert!(all.get(&deny_key).copied().unwrap_or(0) >= 3, "{all:?}");
+    // The same counts in `kube-nsg effective` (live mode: no -f).
+    let out = std::process::Command::new(BIN)
+        .args(["effective", "--pod", &format!("{ns}/db1"), "-o", "json"])
+        .env("KUBECONFIG", KUBECONFIG)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deny = stages[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "Deny-Database-All")
+        .expect("Deny-Database-All in effective");
+    assert!(deny["hits"].as_u64().unwrap() >= 3, "{deny}");
 
     drop(agent);
     drop(controller);

@@ -73,4 +73,6 @@ fn verify_and_effective_read_the_cluster_without_files() {
         stages[0]["rules"][2]["destinationExpansion"]["pods"],
         serde_json::json!([db1])
     );
+    // Live mode counts each rule's hits (no agent programs these pods: zero).
+    assert!(stages[0]["rules"][2]["hits"].is_u64(), "{out}");
 }

@@ -13,6 +13,9 @@ use crate::eval::{Packet, Verdict, evaluate};
 use crate::model::{Direction, Inventory, ObjectRef, Protocol};
 use crate::resolve::Resolved;
 
+/// New flows per NSG rule, summed over the nodes' agents.
+type RuleHits = std::collections::BTreeMap<crate::agent::HitKey, u64>;
+
 /// Where the objects come from and the cluster ranges that no object states.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Inputs {
@@ -36,7 +39,7 @@ pub struct CliError(pub String);
 impl Inputs {
     pub fn inventory(&self) -> Result<Inventory, CliError> {
         if self.files.is_empty() {
-            return self.live_inventory();
+            return self.live(false).map(|(inventory, _)| inventory);
         }
         let objects = load::Objects::read(&self.files).map_err(|e| CliError(e.to_string()))?;
         objects
@@ -54,10 +57,11 @@ impl Inputs {
 }
 
 impl Inputs {
-    /// The cluster's objects, as the controller sees them. Invalid objects are reported on
-    /// stderr and left out, as the controller leaves them out (it keeps their last valid
-    /// version; a one-shot read has none).
-    fn live_inventory(&self) -> Result<Inventory, CliError> {
+    /// The cluster's objects, as the controller sees them, and with `with_hits` the rule
+    /// hits the node agents report. Invalid objects are reported on stderr and left out, as
+    /// the controller leaves them out (it keeps their last valid version; a one-shot read
+    /// has none).
+    fn live(&self, with_hits: bool) -> Result<(Inventory, Option<RuleHits>), CliError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -66,16 +70,24 @@ impl Inputs {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| CliError(format!("no -f given and no cluster reachable: {e}")))?;
-            crate::controller::inventory_from_cluster(&client, &self.virtual_network)
+            let live = crate::controller::inventory_from_cluster(&client, &self.virtual_network)
                 .await
-                .map_err(|e| CliError(format!("reading the cluster: {e}")))
+                .map_err(|e| CliError(format!("reading the cluster: {e}")))?;
+            let hits = if with_hits {
+                let hits = crate::agent::rule_hits(&client).await;
+                Some(hits.map_err(|e| CliError(format!("reading the agents' rule hits: {e}")))?)
+            } else {
+                None
+            };
+            Ok::<_, CliError>((live, hits))
         })?;
+        let (live, hits) = live;
         for errors in &live.invalid {
             eprintln!("warning: left out: {errors}");
         }
         let mut inventory = live.inventory;
         inventory.node_ips.extend(&self.node_ips);
-        Ok(inventory)
+        Ok((inventory, hits))
     }
 }
 
@@ -290,11 +302,25 @@ pub struct EffectiveArgs {
     pub output: TableOrJson,
 }
 
+/// In live mode the rules also carry the new flows they decided, summed over every node's
+/// agent (`hits`; the HITS column): files hold no counters.
 pub fn effective(args: &EffectiveArgs) -> Result<String, CliError> {
-    let inv = args.inputs.inventory()?;
+    let (inv, hits) = if args.inputs.files.is_empty() {
+        args.inputs.live(true)?
+    } else {
+        (args.inputs.inventory()?, None)
+    };
     let res = Resolved::new(&inv);
     let pod = find_pod(&res, &args.pod)?;
-    let stages = effective_rules(&res, pod);
+    let mut stages = effective_rules(&res, pod);
+    if let Some(hits) = &hits {
+        for stage in &mut stages {
+            for rule in &mut stage.rules {
+                let key = (stage.nsg.clone(), stage.direction, rule.name.clone());
+                rule.hits = Some(hits.get(&key).copied().unwrap_or(0));
+            }
+        }
+    }
     Ok(match args.output {
         TableOrJson::Json => serde_json::to_string_pretty(&stages).expect("serializes") + "\n",
         TableOrJson::Table => effective_table(&args.pod, &inv.pods[pod].ips, &stages),
@@ -320,11 +346,13 @@ fn effective_table(pod: &ObjectRef, ips: &[IpAddr], stages: &[EffectiveStage]) -
                 "DESTINATION",
                 "DPORTS",
                 "EXPANDS TO",
+                "HITS",
             ]
-            .map(String::from),
+            .map(String::from)
+            .to_vec(),
         ];
         for r in &stage.rules {
-            rows.push([
+            rows.push(vec![
                 r.priority.to_string(),
                 r.name.clone(),
                 r.access.to_string(),
@@ -338,7 +366,12 @@ fn effective_table(pod: &ObjectRef, ips: &[IpAddr], stages: &[EffectiveStage]) -
                     r.source_expansion.summary(),
                     r.destination_expansion.summary()
                 ),
+                r.hits.map(|n| n.to_string()).unwrap_or_default(),
             ]);
+        }
+        // Files hold no counters: the HITS column only in live mode.
+        if stage.rules.iter().all(|r| r.hits.is_none()) {
+            rows.iter_mut().for_each(|row| drop(row.pop()));
         }
         out += &render_table(&rows);
     }
@@ -346,13 +379,18 @@ fn effective_table(pod: &ObjectRef, ips: &[IpAddr], stages: &[EffectiveStage]) -
 }
 
 /// Left-aligned columns separated by two spaces, as kubectl prints.
-pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+pub fn render_table<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let columns = rows.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            let width = |r: &R| r.as_ref()[c].chars().count();
+            rows.iter().map(width).max().unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
