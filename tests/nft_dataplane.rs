@@ -15,7 +15,7 @@ use kube_nsg::eval::{Packet, evaluate_flow};
 use kube_nsg::model::*;
 use kube_nsg::nft::{self, CompileOptions, Nft, NftCommand};
 use kube_nsg::resolve::Resolved;
-use nft_support::examples::{asg, asgs, pod, prefixes, rule};
+use nft_support::examples::{asg, asgs, pod, prefixes, rule, three_tier_rules};
 use nft_support::netns::{GATEWAY4, Lab, NetnsPod};
 
 const TCP_PORTS: [u16; 4] = [80, 1433, 5432, 8080];
@@ -59,37 +59,8 @@ fn inventory(web: &NetnsPod, logic: &NetnsPod, db: &NetnsPod, with_echo: bool) -
         "*",
     );
     sport_deny.source_ports = vec!["6000-6999".parse().unwrap()];
-    let mut subnet_rules = vec![
-        rule(
-            "Allow-HTTP-Inbound-Internet",
-            100,
-            Inbound,
-            Allow,
-            Protocol::Tcp,
-            prefixes(&["Internet"]),
-            asgs(ns, &["asg-web"]),
-            "80",
-        ),
-        rule(
-            "Allow-Database-BusinessLogic",
-            110,
-            Inbound,
-            Allow,
-            Protocol::Tcp,
-            asgs(ns, &["asg-logic"]),
-            asgs(ns, &["asg-db"]),
-            "1433",
-        ),
-        rule(
-            "Deny-Database-All",
-            120,
-            Inbound,
-            Deny,
-            Protocol::Any,
-            prefixes(&["*"]),
-            asgs(ns, &["asg-db"]),
-            "1433",
-        ),
+    let mut subnet_rules = three_tier_rules(ns);
+    subnet_rules.extend([
         rule(
             "Deny-Ping-Web",
             130,
@@ -101,7 +72,7 @@ fn inventory(web: &NetnsPod, logic: &NetnsPod, db: &NetnsPod, with_echo: bool) -
             "*",
         ),
         sport_deny,
-    ];
+    ]);
     if with_echo {
         subnet_rules.push(rule(
             "Allow-Echo-Internet",

@@ -70,11 +70,47 @@ pub fn asg(ns: &str, name: &str, app: &str) -> Asg {
     }
 }
 
-/// The three-tier application of Azure's documentation: web servers reachable from the
-/// Internet on port 80, a database only the business logic reaches on 1433.
-pub fn three_tier() -> Inventory {
+/// The subnet rules of the three-tier application of Azure's documentation: web servers
+/// reachable from the Internet on port 80, a database only the business logic reaches on 1433.
+pub fn three_tier_rules(ns: &str) -> Vec<SecurityRule> {
     use Access::*;
     use Direction::Inbound;
+    vec![
+        rule(
+            "Allow-HTTP-Inbound-Internet",
+            100,
+            Inbound,
+            Allow,
+            Protocol::Tcp,
+            prefixes(&["Internet"]),
+            asgs(ns, &["asg-web"]),
+            "80",
+        ),
+        rule(
+            "Allow-Database-BusinessLogic",
+            110,
+            Inbound,
+            Allow,
+            Protocol::Tcp,
+            asgs(ns, &["asg-logic"]),
+            asgs(ns, &["asg-db"]),
+            "1433",
+        ),
+        rule(
+            "Deny-Database-All",
+            120,
+            Inbound,
+            Deny,
+            Protocol::Any,
+            prefixes(&["*"]),
+            asgs(ns, &["asg-db"]),
+            "1433",
+        ),
+    ]
+}
+
+/// The three-tier application on four pods of one node.
+pub fn three_tier() -> Inventory {
     let ns = "shop";
     Inventory {
         nsgs: vec![Nsg {
@@ -83,38 +119,7 @@ pub fn three_tier() -> Inventory {
             generation: Some(1),
             subnet: true,
             pod_selector: None,
-            rules: vec![
-                rule(
-                    "Allow-HTTP-Inbound-Internet",
-                    100,
-                    Inbound,
-                    Allow,
-                    Protocol::Tcp,
-                    prefixes(&["Internet"]),
-                    asgs(ns, &["asg-web"]),
-                    "80",
-                ),
-                rule(
-                    "Allow-Database-BusinessLogic",
-                    110,
-                    Inbound,
-                    Allow,
-                    Protocol::Tcp,
-                    asgs(ns, &["asg-logic"]),
-                    asgs(ns, &["asg-db"]),
-                    "1433",
-                ),
-                rule(
-                    "Deny-Database-All",
-                    120,
-                    Inbound,
-                    Deny,
-                    Protocol::Any,
-                    prefixes(&["*"]),
-                    asgs(ns, &["asg-db"]),
-                    "1433",
-                ),
-            ],
+            rules: three_tier_rules(ns),
         }],
         asgs: vec![
             asg(ns, "asg-web", "web"),
