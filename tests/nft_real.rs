@@ -106,9 +106,10 @@ fn element_updates_in_the_kernel_equal_a_full_load() {
         }
         let old = nft::compile_with(&Resolved::new(inv), None, &opts(&t, Layout::Maps));
         let new = nft::compile_with(&Resolved::new(&changed), None, &opts(&t, Layout::Maps));
-        let Update::Elements(script) = nft::render_update(Some(&old), &new) else {
+        let Update::Elements(update) = nft::render_update(Some(&old), &new) else {
             continue;
         };
+        let script = update.script();
         updates += 1;
         nft.apply(&nft::render_replace(&old)).unwrap();
         nft.apply(&script)

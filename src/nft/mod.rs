@@ -58,6 +58,7 @@
 
 mod apply;
 mod compile;
+pub mod netlink;
 mod render;
 mod ruleset;
 
@@ -66,5 +67,8 @@ pub use apply::{
     read_counters, sync,
 };
 pub use compile::{CompileOptions, HostTraffic, Layout, TABLE, compile, compile_with};
-pub use render::{Update, render, render_delete, render_replace, render_update, rule_text};
+pub use render::{
+    ElementUpdate, SetChange, Update, render, render_delete, render_replace, render_update,
+    rule_text,
+};
 pub use ruleset::*;

@@ -50,73 +50,92 @@ pub fn render_delete(table: &str) -> String {
 pub enum Update {
     Unchanged,
     /// Only set and map elements differ: pod churn and membership changes.
-    Elements(String),
+    Elements(ElementUpdate),
     /// Chains or set declarations differ: the whole table, atomically.
     Replace(String),
 }
 
-impl Update {
-    pub fn script(&self) -> Option<&str> {
-        match self {
-            Update::Unchanged => None,
-            Update::Elements(s) | Update::Replace(s) => Some(s),
+/// Element changes of one table, applied as one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementUpdate {
+    pub table: String,
+    /// The sets that change, in the table's order.
+    pub sets: Vec<SetChange>,
+}
+
+/// The elements one set or map loses and gains. A changed verdict is a delete then an add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetChange {
+    pub name: String,
+    pub key: Vec<KeyType>,
+    pub interval: bool,
+    /// Keys only (no verdicts).
+    pub delete: Vec<Element>,
+    pub add: Vec<Element>,
+}
+
+impl ElementUpdate {
+    /// The `nft -f` script: every delete first, so a re-split interval never overlaps its
+    /// old self.
+    pub fn script(&self) -> String {
+        let mut deletes = String::new();
+        let mut adds = String::new();
+        for s in &self.sets {
+            for (out, verb, elements) in [
+                (&mut deletes, "delete", &s.delete),
+                (&mut adds, "add", &s.add),
+            ] {
+                if !elements.is_empty() {
+                    let items: Vec<String> = elements.iter().map(|e| element(e, &s.key)).collect();
+                    writeln!(
+                        out,
+                        "{verb} element inet {} {} {{ {} }}",
+                        self.table,
+                        s.name,
+                        items.join(", ")
+                    )
+                    .unwrap();
+                }
+            }
         }
+        deletes + &adds
     }
 }
 
-/// The smallest script from `old` (what the kernel has; `None`: unknown) to `new`.
+/// The smallest update from `old` (what the kernel has; `None`: unknown) to `new`.
 pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
     let Some(old) = old.filter(|o| o.same_structure(new)) else {
         return Update::Replace(render_replace(new));
     };
-    let mut deletes = String::new();
-    let mut adds = String::new();
+    let mut sets = Vec::new();
     for (o, n) in old.sets.iter().zip(&new.sets) {
         let (before, after): (BTreeSet<&Element>, BTreeSet<&Element>) =
             (o.elements.iter().collect(), n.elements.iter().collect());
-        // Deletes name keys only; a changed verdict is a delete then an add.
-        let gone: Vec<String> = before
+        let delete: Vec<Element> = before
             .difference(&after)
-            .map(|e| {
-                element(
-                    &Element {
-                        key: e.key.clone(),
-                        verdict: None,
-                    },
-                    &n.key,
-                )
+            .map(|e| Element {
+                key: e.key.clone(),
+                verdict: None,
             })
             .collect();
-        let new_items: Vec<String> = after
-            .difference(&before)
-            .map(|e| element(e, &n.key))
-            .collect();
-        if !gone.is_empty() {
-            writeln!(
-                deletes,
-                "delete element inet {} {} {{ {} }}",
-                new.table,
-                n.name,
-                gone.join(", ")
-            )
-            .unwrap();
-        }
-        if !new_items.is_empty() {
-            writeln!(
-                adds,
-                "add element inet {} {} {{ {} }}",
-                new.table,
-                n.name,
-                new_items.join(", ")
-            )
-            .unwrap();
+        let add: Vec<Element> = after.difference(&before).map(|e| (*e).clone()).collect();
+        if !delete.is_empty() || !add.is_empty() {
+            sets.push(SetChange {
+                name: n.name.clone(),
+                key: n.key.clone(),
+                interval: n.interval,
+                delete,
+                add,
+            });
         }
     }
-    if deletes.is_empty() && adds.is_empty() {
+    if sets.is_empty() {
         Update::Unchanged
     } else {
-        // Deletes first, so a re-split interval never overlaps its old self.
-        Update::Elements(deletes + &adds)
+        Update::Elements(ElementUpdate {
+            table: new.table.clone(),
+            sets,
+        })
     }
 }
 
