@@ -128,7 +128,11 @@ fn table(name: &str, k: u128) -> Ruleset {
             false,
             (0..5)
                 .map(|i| {
-                    let c = if (i + k) % 2 == 0 { "c1" } else { "c2" };
+                    let c = if (i + k).is_multiple_of(2) {
+                        "c1"
+                    } else {
+                        "c2"
+                    };
                     el(vec![pt(v4("10.4.0.1") + i + k)], goto(c))
                 })
                 .collect(),
