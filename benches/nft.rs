@@ -243,6 +243,21 @@ fn membership_change(table: &str) {
         || nftc.apply_elements(&update).unwrap(),
         || nftc.apply_elements(&undo).unwrap(),
     );
+    // A jump or goto element makes the kernel validate the table's whole chain graph at
+    // commit: the update's plain sets alone (what the empty table gets) show that share.
+    let sets_only = |u: &ElementUpdate| ElementUpdate {
+        table: u.table.clone(),
+        sets: (u.sets.iter())
+            .filter(|s| old.set(&s.name).is_some_and(|d| !d.is_map))
+            .cloned()
+            .collect(),
+    };
+    let (plain, plain_undo) = (sets_only(&update), sets_only(&undo));
+    let large_plain = timed(
+        UPDATE_ROUNDS,
+        || nftc.apply_elements(&plain).unwrap(),
+        || nftc.apply_elements(&plain_undo).unwrap(),
+    );
     let current = RefCell::new(Some(old.clone()));
     // Rulesets cloned beforehand: the agent compiles each one anew.
     let mut fresh: Vec<Ruleset> = (0..ROUNDS).map(|_| new.clone()).collect();
@@ -310,6 +325,7 @@ fn membership_change(table: &str) {
     );
     for (name, l, e) in [
         ("agent's apply (netlink)", large_nl, empty_nl),
+        ("  the same, its plain sets only", large_plain, empty_nl),
         ("diff + apply (nft::sync)", large_sync, empty_sync),
         ("nft -f of the same script", large_text, empty_text),
     ] {

@@ -41,7 +41,7 @@ pub trait Nft {
     fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError>;
 }
 
-/// The real thing: runs the `nft` program.
+/// The real thing: runs the `nft` program; element updates go over netlink.
 #[derive(Debug, Clone)]
 pub struct NftCommand {
     pub program: String,

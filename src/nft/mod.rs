@@ -1,5 +1,6 @@
 //! The nftables dataplane: one node's pods' groups compiled into one `inet` table that the
-//! agent owns and replaces atomically. Pure except for `apply`, which runs the `nft` program.
+//! agent owns and replaces atomically. Pure except for `apply`, which runs the `nft` program,
+//! and `netlink`, which sends element updates to the kernel.
 //!
 //! # Path of a packet (`compile`, layout `Maps`)
 //!
@@ -44,7 +45,7 @@
 //!   An interval map's key cannot refer to a set, so the maps carry the same addresses
 //!   flattened; the sets show memberships in `nft list`, and the `Linear` layout matches on
 //!   them. Pod churn and membership changes change only elements (`render_update`) as long
-//!   as no chain appears or disappears.
+//!   as no chain appears or disappears; the agent sends those over netlink (`netlink`).
 //!
 //! # Hooks
 //!

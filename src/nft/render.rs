@@ -109,6 +109,9 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
     };
     let mut sets = Vec::new();
     for (o, n) in old.sets.iter().zip(&new.sets) {
+        if o.elements == n.elements {
+            continue; // most sets: cheaper than building sets of their elements
+        }
         let (before, after): (BTreeSet<&Element>, BTreeSet<&Element>) =
             (o.elements.iter().collect(), n.elements.iter().collect());
         let delete: Vec<Element> = before
