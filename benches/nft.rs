@@ -329,7 +329,12 @@ fn membership_change(table: &str) {
         ("diff + apply (nft::sync)", large_sync, empty_sync),
         ("nft -f of the same script", large_text, empty_text),
     ] {
-        println!("    {name:<40} {:>10} {:>10} {:>10.2}", ms(l), ms(e), l / e);
+        println!(
+            "    {name:<40} {:>7.3} ms {:>7.3} ms {:>10.2}",
+            l * 1e3,
+            e * 1e3,
+            l / e
+        );
     }
     println!(
         "    ratio large / empty, agent's apply = {:.2}   (target <= 1.2, and under 50 ms: {})",
