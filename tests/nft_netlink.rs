@@ -279,3 +279,24 @@ fn value_maps_and_a_missing_set() {
     assert!(netlink::apply("nv", &[del]).is_err());
     assert_eq!(listed("map", "nv", "marks").len(), 1);
 }
+
+/// 20,000 new elements: a batch larger than a default socket send buffer (208 KiB) goes
+/// through `nft -f` instead, as one transaction all the same.
+#[test]
+fn a_large_update_is_applied_whole() {
+    if !in_own_netns("a_large_update_is_applied_whole") {
+        return;
+    }
+    let small = table("big", 0);
+    let mut large = small.clone();
+    large.sets[0].elements = (0..20_000)
+        .map(|i| el(vec![pt(v4("10.8.0.0") + i)], None))
+        .collect();
+    let nftc = NftCommand::default();
+    let mut current = None;
+    nft::sync(&nftc, &mut current, small).unwrap();
+    let applied = nft::sync(&nftc, &mut current, large.clone()).unwrap();
+    assert_eq!(applied, Applied::Elements);
+    assert_eq!(listed("set", "big", "a4").len(), 20_000);
+    assert_equals_a_full_load(&large);
+}

@@ -1,7 +1,6 @@
 //! `nft -f` text from a `Ruleset`: the full definition, atomic replacement, element-only
 //! updates and removal. Deterministic: the same ruleset always gives the same bytes.
 
-use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -110,18 +109,17 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
     let mut sets = Vec::new();
     for (o, n) in old.sets.iter().zip(&new.sets) {
         if o.elements == n.elements {
-            continue; // most sets: cheaper than building sets of their elements
+            continue; // most sets
         }
-        let (before, after): (BTreeSet<&Element>, BTreeSet<&Element>) =
-            (o.elements.iter().collect(), n.elements.iter().collect());
-        let delete: Vec<Element> = before
-            .difference(&after)
+        let (gone, added) = difference(&o.elements, &n.elements);
+        let delete: Vec<Element> = gone
+            .into_iter()
             .map(|e| Element {
                 key: e.key.clone(),
                 verdict: None,
             })
             .collect();
-        let add: Vec<Element> = after.difference(&before).map(|e| (*e).clone()).collect();
+        let add: Vec<Element> = added.into_iter().cloned().collect();
         if !delete.is_empty() || !add.is_empty() {
             sets.push(SetChange {
                 name: n.name.clone(),
@@ -140,6 +138,39 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
             sets,
         })
     }
+}
+
+/// The elements only in `a` and those only in `b`, by merging sorted copies (the compiler's
+/// elements come sorted, which the sort detects in linear time).
+fn difference<'a>(a: &'a [Element], b: &'a [Element]) -> (Vec<&'a Element>, Vec<&'a Element>) {
+    let sorted = |v: &'a [Element]| {
+        let mut v: Vec<&Element> = v.iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (a, b) = (sorted(a), sorted(b));
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => (i, j) = (i + 1, j + 1),
+            (Some(x), Some(y)) if x < y => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (Some(x), None) => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (_, Some(y)) => {
+                only_b.push(*y);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (only_a, only_b)
 }
 
 fn render_set(out: &mut String, set: &Set) {
@@ -389,6 +420,18 @@ mod tests {
         assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
         assert_eq!(key_part((80, 80), KeyType::Port), "80");
         assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
+    }
+
+    #[test]
+    fn differences_of_unsorted_elements() {
+        let e = |k: u128| Element {
+            key: vec![(k, k)],
+            verdict: None,
+        };
+        let (a, b) = (vec![e(5), e(1), e(3), e(1)], vec![e(4), e(3), e(6)]);
+        let (only_a, only_b) = difference(&a, &b);
+        assert_eq!(only_a, vec![&e(1), &e(5)]);
+        assert_eq!(only_b, vec![&e(4), &e(6)]);
     }
 
     #[test]
