@@ -280,8 +280,8 @@ fn value_maps_and_a_missing_set() {
     assert_eq!(listed("map", "nv", "marks").len(), 1);
 }
 
-/// 20,000 new elements: a batch larger than a default socket send buffer (208 KiB) goes
-/// through `nft -f` instead, as one transaction all the same.
+/// 20,000 new elements, a batch larger than a default socket send buffer (208 KiB): over
+/// netlink where the buffer takes it, else through `nft -f`; one transaction either way.
 #[test]
 fn a_large_update_is_applied_whole() {
     if !in_own_netns("a_large_update_is_applied_whole") {
