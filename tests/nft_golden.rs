@@ -82,10 +82,10 @@ fn three_tier_pod_joins_an_asg() {
         Some(&compile(&before, Layout::Maps)),
         &compile(&after, Layout::Maps),
     );
-    let Update::Elements(script) = update else {
+    let Update::Elements(update) = update else {
         panic!("expected an element update, got {update:?}")
     };
-    golden("three_tier.web3_joins.nft", &script);
+    golden("three_tier.web3_joins.nft", &update.script());
 }
 
 /// A new rule changes chains: the whole table is replaced in one transaction.

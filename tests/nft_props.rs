@@ -170,9 +170,9 @@ proptest! {
         match nft::render_update(Some(&old), &new) {
             Update::Unchanged => prop_assert_eq!(&old, &new),
             Update::Replace(_) => prop_assert!(!old.same_structure(&new)),
-            Update::Elements(script) => {
+            Update::Elements(update) => {
                 prop_assert!(old.same_structure(&new));
-                prop_assert_eq!(apply_elements(&old, &script), new);
+                prop_assert_eq!(apply_elements(&old, &update.script()), new);
             }
         }
     }

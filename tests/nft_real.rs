@@ -86,13 +86,14 @@ fn list(table: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// An element update leaves the kernel with exactly what loading the new table whole gives.
+/// An element update, as a script and as the agent applies it, leaves the kernel with exactly
+/// what loading the new table whole gives.
 #[test]
 fn element_updates_in_the_kernel_equal_a_full_load() {
     require_nft();
     let nft = NftCommand::default();
     let t = table("upd");
-    let mut updates = 0;
+    let (mut updates, mut netlink) = (0, 0);
     let cases = samples(common::busy_inventory(), 80);
     for (i, inv) in cases.iter().enumerate() {
         let mut changed = inv.clone();
@@ -106,21 +107,33 @@ fn element_updates_in_the_kernel_equal_a_full_load() {
         }
         let old = nft::compile_with(&Resolved::new(inv), None, &opts(&t, Layout::Maps));
         let new = nft::compile_with(&Resolved::new(&changed), None, &opts(&t, Layout::Maps));
-        let Update::Elements(script) = nft::render_update(Some(&old), &new) else {
+        let Update::Elements(update) = nft::render_update(Some(&old), &new) else {
             continue;
         };
+        let script = update.script();
         updates += 1;
         nft.apply(&nft::render_replace(&old)).unwrap();
         nft.apply(&script)
             .unwrap_or_else(|e| panic!("case {i}: {e}\n{script}"));
         let incremental = list(&t);
+        // The agent's path: over netlink unless a single-field interval set changes.
+        nft.apply(&nft::render_replace(&old)).unwrap();
+        nft.apply_elements(&update)
+            .unwrap_or_else(|e| panic!("case {i}: {e}\n{script}"));
+        netlink += nft::netlink::ops(&update).is_some() as usize;
+        let by_netlink = list(&t);
         nft.apply(&nft::render_replace(&new)).unwrap();
         assert_eq!(incremental, list(&t), "case {i}: after\n{script}");
+        assert_eq!(by_netlink, list(&t), "case {i}: netlink\n{script}");
     }
     nft::delete_table(&nft, &t).unwrap();
     assert!(
         updates >= 8,
         "only {updates} of the cases were element updates"
+    );
+    assert!(
+        netlink * 2 >= updates,
+        "only {netlink} of {updates} element updates went over netlink"
     );
 }
 

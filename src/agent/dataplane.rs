@@ -1,7 +1,7 @@
 //! The node's table as the agent keeps it: what it last applied, a fingerprint of what the
 //! kernel held after that, and per-rule hit totals that survive table replacements.
-//! Synchronous (it runs `nft`); the agent calls it from a blocking task. Tested with
-//! [`FakeNft`](crate::nft::FakeNft).
+//! Synchronous (it runs `nft` and talks netlink); the agent calls it from a blocking task.
+//! Tested with [`FakeNft`](crate::nft::FakeNft).
 //!
 //! Reading the kernel's table (`nft -j list table`) costs milliseconds for a small table and
 //! seconds for a very large one (4,000 rules and 100,000 set elements: ~2 s, plus ~0.5 s to

@@ -1,11 +1,12 @@
-//! Applying scripts through `nft`, and reading the per-rule counters back. Synchronous: the
-//! agent calls it from a blocking task.
+//! Applying scripts through `nft` (element updates over netlink), and reading the per-rule
+//! counters back. Synchronous: the agent calls it from a blocking task.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
-use super::render::{Update, render_delete, render_replace, render_update};
+use super::netlink;
+use super::render::{ElementUpdate, Update, render_delete, render_replace, render_update};
 use super::ruleset::{RuleRef, Ruleset};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,17 +20,28 @@ pub enum NftError {
     Rejected { status: String, stderr: String },
     #[error("cannot read nft's JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
+    #[error("the kernel rejected {what} (nothing was changed): {source}")]
+    Kernel {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// The kernel's nftables as the agent uses it.
 pub trait Nft {
     /// Runs `script` as `nft -f` does: one transaction, all or nothing.
     fn apply(&self, script: &str) -> Result<(), NftError>;
+    /// Applies an element-only update in one transaction; by default as its script.
+    fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
+        self.apply(&update.script())
+    }
     /// `nft -j list table inet TABLE`; `None` when there is no such table.
     fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError>;
 }
 
-/// The real thing: runs the `nft` program.
+/// The real thing: runs the `nft` program; element updates go over netlink.
 #[derive(Debug, Clone)]
 pub struct NftCommand {
     pub program: String,
@@ -104,6 +116,21 @@ impl Nft for NftCommand {
         }
     }
 
+    /// Over netlink, which skips nft's cache of every interval set in the ruleset. Through
+    /// `nft` instead: checks (`-c`), updates of single-field interval sets, and batches too
+    /// large for the socket's send buffer.
+    fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
+        match netlink::ops(update).filter(|_| !self.check_only) {
+            Some(ops) => match netlink::apply(&update.table, &ops) {
+                Err(NftError::Netlink(e)) if e.raw_os_error() == Some(netlink::EMSGSIZE) => {
+                    self.apply(&update.script())
+                }
+                done => done,
+            },
+            None => self.apply(&update.script()),
+        }
+    }
+
     fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError> {
         let out = self.run(&["-j", "list", "table", "inet", table], None)?;
         if out.status.success() {
@@ -170,7 +197,7 @@ pub fn sync(
 ) -> Result<Applied, NftError> {
     let applied = match render_update(current.as_ref(), &new) {
         Update::Unchanged => Applied::Unchanged,
-        Update::Elements(script) => match nft.apply(&script) {
+        Update::Elements(update) => match nft.apply_elements(&update) {
             Ok(()) => Applied::Elements,
             Err(_) => {
                 *current = None;

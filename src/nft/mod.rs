@@ -1,5 +1,6 @@
 //! The nftables dataplane: one node's pods' groups compiled into one `inet` table that the
-//! agent owns and replaces atomically. Pure except for `apply`, which runs the `nft` program.
+//! agent owns and replaces atomically. Pure except for `apply`, which runs the `nft` program,
+//! and `netlink`, which sends element updates to the kernel.
 //!
 //! # Path of a packet (`compile`, layout `Maps`)
 //!
@@ -44,7 +45,7 @@
 //!   An interval map's key cannot refer to a set, so the maps carry the same addresses
 //!   flattened; the sets show memberships in `nft list`, and the `Linear` layout matches on
 //!   them. Pod churn and membership changes change only elements (`render_update`) as long
-//!   as no chain appears or disappears.
+//!   as no chain appears or disappears; the agent sends those over netlink (`netlink`).
 //!
 //! # Hooks
 //!
@@ -58,6 +59,7 @@
 
 mod apply;
 mod compile;
+pub mod netlink;
 mod render;
 mod ruleset;
 
@@ -66,5 +68,8 @@ pub use apply::{
     read_counters, sync,
 };
 pub use compile::{CompileOptions, HostTraffic, Layout, TABLE, compile, compile_with};
-pub use render::{Update, render, render_delete, render_replace, render_update, rule_text};
+pub use render::{
+    ElementUpdate, SetChange, Update, render, render_delete, render_replace, render_update,
+    rule_text,
+};
 pub use ruleset::*;

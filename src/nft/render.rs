@@ -1,7 +1,6 @@
 //! `nft -f` text from a `Ruleset`: the full definition, atomic replacement, element-only
 //! updates and removal. Deterministic: the same ruleset always gives the same bytes.
 
-use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -50,74 +49,128 @@ pub fn render_delete(table: &str) -> String {
 pub enum Update {
     Unchanged,
     /// Only set and map elements differ: pod churn and membership changes.
-    Elements(String),
+    Elements(ElementUpdate),
     /// Chains or set declarations differ: the whole table, atomically.
     Replace(String),
 }
 
-impl Update {
-    pub fn script(&self) -> Option<&str> {
-        match self {
-            Update::Unchanged => None,
-            Update::Elements(s) | Update::Replace(s) => Some(s),
+/// Element changes of one table, applied as one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementUpdate {
+    pub table: String,
+    /// The sets that change, in the table's order.
+    pub sets: Vec<SetChange>,
+}
+
+/// The elements one set or map loses and gains. A changed verdict is a delete then an add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetChange {
+    pub name: String,
+    pub key: Vec<KeyType>,
+    pub interval: bool,
+    /// Keys only (no verdicts).
+    pub delete: Vec<Element>,
+    pub add: Vec<Element>,
+}
+
+impl ElementUpdate {
+    /// The `nft -f` script: every delete first, so a re-split interval never overlaps its
+    /// old self.
+    pub fn script(&self) -> String {
+        let mut deletes = String::new();
+        let mut adds = String::new();
+        for s in &self.sets {
+            for (out, verb, elements) in [
+                (&mut deletes, "delete", &s.delete),
+                (&mut adds, "add", &s.add),
+            ] {
+                if !elements.is_empty() {
+                    let items: Vec<String> = elements.iter().map(|e| element(e, &s.key)).collect();
+                    writeln!(
+                        out,
+                        "{verb} element inet {} {} {{ {} }}",
+                        self.table,
+                        s.name,
+                        items.join(", ")
+                    )
+                    .unwrap();
+                }
+            }
         }
+        deletes + &adds
     }
 }
 
-/// The smallest script from `old` (what the kernel has; `None`: unknown) to `new`.
+/// The smallest update from `old` (what the kernel has; `None`: unknown) to `new`.
 pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
     let Some(old) = old.filter(|o| o.same_structure(new)) else {
         return Update::Replace(render_replace(new));
     };
-    let mut deletes = String::new();
-    let mut adds = String::new();
+    let mut sets = Vec::new();
     for (o, n) in old.sets.iter().zip(&new.sets) {
-        let (before, after): (BTreeSet<&Element>, BTreeSet<&Element>) =
-            (o.elements.iter().collect(), n.elements.iter().collect());
-        // Deletes name keys only; a changed verdict is a delete then an add.
-        let gone: Vec<String> = before
-            .difference(&after)
-            .map(|e| {
-                element(
-                    &Element {
-                        key: e.key.clone(),
-                        verdict: None,
-                    },
-                    &n.key,
-                )
+        if o.elements == n.elements {
+            continue; // most sets
+        }
+        let (gone, added) = difference(&o.elements, &n.elements);
+        let delete: Vec<Element> = gone
+            .into_iter()
+            .map(|e| Element {
+                key: e.key.clone(),
+                verdict: None,
             })
             .collect();
-        let new_items: Vec<String> = after
-            .difference(&before)
-            .map(|e| element(e, &n.key))
-            .collect();
-        if !gone.is_empty() {
-            writeln!(
-                deletes,
-                "delete element inet {} {} {{ {} }}",
-                new.table,
-                n.name,
-                gone.join(", ")
-            )
-            .unwrap();
-        }
-        if !new_items.is_empty() {
-            writeln!(
-                adds,
-                "add element inet {} {} {{ {} }}",
-                new.table,
-                n.name,
-                new_items.join(", ")
-            )
-            .unwrap();
+        let add: Vec<Element> = added.into_iter().cloned().collect();
+        if !delete.is_empty() || !add.is_empty() {
+            sets.push(SetChange {
+                name: n.name.clone(),
+                key: n.key.clone(),
+                interval: n.interval,
+                delete,
+                add,
+            });
         }
     }
-    if deletes.is_empty() && adds.is_empty() {
+    if sets.is_empty() {
         Update::Unchanged
     } else {
-        // Deletes first, so a re-split interval never overlaps its old self.
-        Update::Elements(deletes + &adds)
+        Update::Elements(ElementUpdate {
+            table: new.table.clone(),
+            sets,
+        })
     }
+}
+
+/// The elements only in `a` and those only in `b`, by merging sorted copies (the compiler's
+/// elements come sorted, which the sort detects in linear time).
+fn difference<'a>(a: &'a [Element], b: &'a [Element]) -> (Vec<&'a Element>, Vec<&'a Element>) {
+    let sorted = |v: &'a [Element]| {
+        let mut v: Vec<&Element> = v.iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (a, b) = (sorted(a), sorted(b));
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => (i, j) = (i + 1, j + 1),
+            (Some(x), Some(y)) if x < y => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (Some(x), None) => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (_, Some(y)) => {
+                only_b.push(*y);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (only_a, only_b)
 }
 
 fn render_set(out: &mut String, set: &Set) {
@@ -367,6 +420,18 @@ mod tests {
         assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
         assert_eq!(key_part((80, 80), KeyType::Port), "80");
         assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
+    }
+
+    #[test]
+    fn differences_of_unsorted_elements() {
+        let e = |k: u128| Element {
+            key: vec![(k, k)],
+            verdict: None,
+        };
+        let (a, b) = (vec![e(5), e(1), e(3), e(1)], vec![e(4), e(3), e(6)]);
+        let (only_a, only_b) = difference(&a, &b);
+        assert_eq!(only_a, vec![&e(1), &e(5)]);
+        assert_eq!(only_b, vec![&e(4), &e(6)]);
     }
 
     #[test]

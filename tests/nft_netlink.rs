@@ -1,0 +1,302 @@
+//! Element updates over netlink against the real kernel, each test in a network namespace of
+//! its own (the test binary runs itself again under `ip netns exec`). Tables are loaded with
+//! `nft -f`; updates go through netlink; every set is then listed and compared with the same
+//! table loaded whole by `nft -f`. Needs root, nft and iproute2; fails, never skips.
+
+use std::process::Command;
+
+use kube_nsg::nft::netlink::{self, Data, Elem, Op, SetElems};
+use kube_nsg::nft::{
+    self, Applied, Chain, Element, KeyType, Nft, NftCommand, NftError, Ruleset, Set, Span, Verdict,
+};
+
+const INSIDE: &str = "KUBE_NSG_TEST_NETNS";
+
+/// Whether this process is the one inside the namespace; if not, runs `test` again inside a
+/// new namespace (removed afterwards) and checks that it passed.
+fn in_own_netns(test: &str) -> bool {
+    if std::env::var_os(INSIDE).is_some() {
+        return true;
+    }
+    let ns = format!("nsg-nl-{}-{}", std::process::id(), test.len());
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
+    assert!(ip(&["netns", "add", &ns]), "ip netns add (root is needed)");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .unwrap();
+    ip(&["netns", "delete", &ns]);
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{test} in netns {ns}:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    false
+}
+
+/// `nft` that always fails: an update applied with it went over netlink.
+fn no_nft() -> NftCommand {
+    NftCommand {
+        program: "false".into(),
+        ..Default::default()
+    }
+}
+
+fn pt(v: u128) -> Span {
+    (v, v)
+}
+
+fn v4(s: &str) -> u128 {
+    u32::from(s.parse::<std::net::Ipv4Addr>().unwrap()) as u128
+}
+
+fn v6(s: &str) -> u128 {
+    u128::from(s.parse::<std::net::Ipv6Addr>().unwrap())
+}
+
+fn el(key: Vec<Span>, verdict: Option<Verdict>) -> Element {
+    Element { key, verdict }
+}
+
+fn set(name: &str, key: Vec<KeyType>, is_map: bool, interval: bool, elements: Vec<Element>) -> Set {
+    Set {
+        name: name.into(),
+        key,
+        is_map,
+        interval,
+        comment: None,
+        elements,
+    }
+}
+
+/// Every kind of set an element update may touch over netlink: IPv4 and IPv6 hash sets and
+/// verdict maps (goto, jump, accept, drop), a concatenated hash map and a concatenated
+/// interval (pipapo) map. `k` picks which elements.
+fn table(name: &str, k: u128) -> Ruleset {
+    use KeyType::*;
+    let goto = |c: &str| Some(Verdict::Goto(c.into()));
+    let sets = vec![
+        set(
+            "a4",
+            vec![Ipv4],
+            false,
+            false,
+            (0..4)
+                .map(|i| el(vec![pt(v4("10.0.0.1") + k + i)], None))
+                .collect(),
+        ),
+        set(
+            "a6",
+            vec![Ipv6],
+            false,
+            false,
+            (0..3)
+                .map(|i| el(vec![pt(v6("fd00::1") + k * 7 + i)], None))
+                .collect(),
+        ),
+        set(
+            "conc",
+            vec![Ipv4, Proto, Port],
+            true,
+            false,
+            vec![
+                el(vec![pt(v4("10.1.0.1") + k), pt(6), pt(80 + k)], goto("c1")),
+                el(
+                    vec![pt(v4("10.1.0.2")), pt(17), pt(53)],
+                    Some(Verdict::Accept),
+                ),
+            ],
+        ),
+        set(
+            "pipapo",
+            vec![Ipv4, Port],
+            true,
+            true,
+            vec![
+                el(
+                    vec![(v4("10.2.0.0"), v4("10.2.0.255")), (1000, 1999 + k)],
+                    goto("c2"),
+                ),
+                el(vec![pt(v4("10.3.0.1") + k), pt(22)], Some(Verdict::Drop)),
+            ],
+        ),
+        set(
+            "pods.v4",
+            vec![Ipv4],
+            true,
+            false,
+            (0..5)
+                .map(|i| {
+                    let c = if (i + k).is_multiple_of(2) {
+                        "c1"
+                    } else {
+                        "c2"
+                    };
+                    el(vec![pt(v4("10.4.0.1") + i + k)], goto(c))
+                })
+                .collect(),
+        ),
+        set(
+            "pods.v6",
+            vec![Ipv6],
+            true,
+            false,
+            vec![
+                el(
+                    vec![pt(v6("fd00:4::1") + k)],
+                    Some(Verdict::Jump("c1".into())),
+                ),
+                el(
+                    vec![pt(v6("fd00:4::ff"))],
+                    goto(if k == 0 { "c1" } else { "c2" }),
+                ),
+            ],
+        ),
+    ];
+    let chain = |n: &str| Chain {
+        name: n.into(),
+        hook: None,
+        comment: None,
+        rules: vec![],
+    };
+    Ruleset {
+        table: name.into(),
+        sets,
+        chains: vec![chain("c1"), chain("c2")],
+        rule_chains: Default::default(),
+    }
+}
+
+/// The elements of a set (`set`) or map (`map`) as `nft -j list` gives them, sorted.
+fn listed(kind: &str, table: &str, set: &str) -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["-j", "list", kind, "inet", table, set])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = &doc["nftables"][1];
+    let mut elems: Vec<String> = item[kind]["elem"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e.to_string())
+        .collect();
+    elems.sort();
+    elems
+}
+
+/// Every set of `rs` as listed from the kernel equals the same set loaded whole by `nft -f`.
+fn assert_equals_a_full_load(rs: &Ruleset) {
+    let nftc = NftCommand::default();
+    let mut whole = rs.clone();
+    whole.table = format!("{}-whole", rs.table);
+    nftc.apply(&nft::render_replace(&whole)).unwrap();
+    for s in &rs.sets {
+        let kind = if s.is_map { "map" } else { "set" };
+        assert_eq!(
+            listed(kind, &rs.table, &s.name),
+            listed(kind, &whole.table, &s.name),
+            "set {}",
+            s.name
+        );
+    }
+    nft::delete_table(&nftc, &whole.table).unwrap();
+}
+
+#[test]
+fn element_updates_of_every_set_kind_go_over_netlink() {
+    if !in_own_netns("element_updates_of_every_set_kind_go_over_netlink") {
+        return;
+    }
+    let mut current = None;
+    let first = table("nl", 0);
+    let applied = nft::sync(&NftCommand::default(), &mut current, first.clone()).unwrap();
+    assert_eq!(applied, Applied::Replaced);
+    assert_eq!(listed("set", "nl", "a4").len(), 4);
+    for k in [1, 5, 0] {
+        let next = table("nl", k);
+        let nft::Update::Elements(update) = nft::render_update(current.as_ref(), &next) else {
+            panic!("not an element update");
+        };
+        assert!(update.sets.len() == 6, "every set changes: {update:?}");
+        let applied = nft::sync(&no_nft(), &mut current, next.clone()).unwrap();
+        assert_eq!(applied, Applied::Elements);
+        assert_equals_a_full_load(&next);
+    }
+    assert_eq!(
+        listed("map", "nl", "pods.v4")[0],
+        r#"[\"10.4.0.1\",{\"goto\":{\"target\":\"c1\"}}]"#.replace('\\', "")
+    );
+}
+
+#[test]
+fn value_maps_and_a_missing_set() {
+    if !in_own_netns("value_maps_and_a_missing_set") {
+        return;
+    }
+    let nftc = NftCommand::default();
+    nftc.apply(
+        "table inet nv {\n\tmap marks { type ipv4_addr : mark; }\n\tset s { type ipv4_addr; }\n}\n",
+    )
+    .unwrap();
+    let add = |set: &str, addr: [u8; 4], mark: Option<u32>| SetElems {
+        set: set.into(),
+        op: Op::Add,
+        elems: vec![Elem {
+            key: addr.to_vec(),
+            key_end: None,
+            data: mark.map(|m| Data::Value(m.to_ne_bytes().to_vec())),
+        }],
+    };
+    netlink::apply("nv", &[add("marks", [10, 0, 0, 1], Some(0x10))]).unwrap();
+    assert_eq!(listed("map", "nv", "marks"), vec![r#"["10.0.0.1",16]"#]);
+
+    // One batch: the valid add is undone with the rejected one.
+    let err = netlink::apply(
+        "nv",
+        &[
+            add("s", [10, 0, 0, 2], None),
+            add("missing", [10, 0, 0, 3], None),
+        ],
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, NftError::Kernel { .. }), "{err:?}");
+    assert!(
+        text.contains("set missing in table inet nv") && text.contains("No such file"),
+        "{text}"
+    );
+    assert!(listed("set", "nv", "s").is_empty(), "nothing was changed");
+    // Deleting an element that is not there fails the same way.
+    let mut del = add("marks", [10, 0, 0, 9], None);
+    del.op = Op::Delete;
+    assert!(netlink::apply("nv", &[del]).is_err());
+    assert_eq!(listed("map", "nv", "marks").len(), 1);
+}
+
+/// 20,000 new elements, a batch larger than a default socket send buffer (208 KiB): over
+/// netlink where the buffer takes it, else through `nft -f`; one transaction either way.
+#[test]
+fn a_large_update_is_applied_whole() {
+    if !in_own_netns("a_large_update_is_applied_whole") {
+        return;
+    }
+    let small = table("big", 0);
+    let mut large = small.clone();
+    large.sets[0].elements = (0..20_000)
+        .map(|i| el(vec![pt(v4("10.8.0.0") + i)], None))
+        .collect();
+    let nftc = NftCommand::default();
+    let mut current = None;
+    nft::sync(&nftc, &mut current, small).unwrap();
+    let applied = nft::sync(&nftc, &mut current, large.clone()).unwrap();
+    assert_eq!(applied, Applied::Elements);
+    assert_eq!(listed("set", "big", "a4").len(), 20_000);
+    assert_equals_a_full_load(&large);
+}
