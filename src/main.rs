@@ -5,6 +5,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kube_nsg::cli::{self, CliError};
 
+// mimalloc (v2, without transparent huge pages, which would make each touched 2 MiB
+// resident) gives freed pages back to the system after a burst: the first lists, a pass
+// that rewrites every status. glibc's malloc keeps its heap at the high-water mark: in the
+// controller benchmark (2,000 pods, 100 groups) 24.7 MB of heap against 19.6 MB with this.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kube-nsg",
