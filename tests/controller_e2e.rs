@@ -455,12 +455,7 @@ fn compiled_policies(
         .policies
         .iter()
         .filter(|p| p.namespace == ns)
-        .map(|p| {
-            (
-                p.name.clone(),
-                normalize_spec(&serde_json::to_value(&p.policy.spec).unwrap()),
-            )
-        })
+        .map(|p| (p.name.clone(), normalize_spec(&p.spec_value())))
         .collect()
 }
 

@@ -3,6 +3,7 @@
 //! does not change).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::digest::Digest;
 use crate::analyze::{self, AnomalyKind};
@@ -13,7 +14,9 @@ use crate::resolve::Resolved;
 
 pub use crate::netpol::Mode;
 
-/// One NetworkPolicy the compiler wants.
+/// One NetworkPolicy the compiler wants. Kept between passes (compiling is skipped while
+/// the inventory does not change), so the spec is kept as JSON text, a fraction of the
+/// structured policy's size, for the rare pass that applies it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPolicy {
     pub namespace: String,
@@ -21,7 +24,9 @@ pub struct DesiredPolicy {
     /// The NSG (in the same namespace) that owns it: the interface-level group of the pods
     /// it selects when they have one, else the subnet-level group.
     pub nsg: String,
-    pub policy: netpol::NetworkPolicy,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    spec_json: Box<str>,
     /// Digest of the normalised spec, to compare with what the API server holds.
     pub spec: Digest,
 }
@@ -29,13 +34,21 @@ pub struct DesiredPolicy {
 impl DesiredPolicy {
     pub fn new(policy: netpol::NetworkPolicy, nsg: String) -> Self {
         let spec = serde_json::to_value(&policy.spec).expect("NetworkPolicies serialize");
+        let meta = policy.metadata;
         DesiredPolicy {
-            namespace: policy.metadata.namespace.clone(),
-            name: policy.metadata.name.clone(),
+            namespace: meta.namespace,
+            name: meta.name,
             nsg,
+            labels: meta.labels,
+            annotations: meta.annotations,
+            spec_json: spec.to_string().into(),
             spec: super::policy::spec_digest(&spec),
-            policy,
         }
+    }
+
+    /// The spec, as the compiler made it.
+    pub fn spec_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.spec_json).expect("the JSON text of a spec")
     }
 }
 
@@ -43,8 +56,9 @@ impl DesiredPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fidelity {
     pub exact: bool,
-    /// `Exact`, or the reasons NetworkPolicy cannot express the rule.
-    pub text: String,
+    /// `Exact`, or the reasons NetworkPolicy cannot express the rule: few distinct texts,
+    /// shared by every rule that has them.
+    pub text: Arc<str>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,20 +69,21 @@ pub struct Output {
     pub anomalies: HashMap<ObjectRef, Vec<RuleAnomaly>>,
 }
 
-fn fidelity(f: &NpFidelity) -> Fidelity {
-    match f {
-        NpFidelity::Exact => Fidelity {
-            exact: true,
-            text: "Exact".into(),
-        },
-        NpFidelity::NotExpressible(reasons) => Fidelity {
-            exact: false,
-            text: reasons
-                .iter()
-                .map(|r| format!("{r:?}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        },
+fn fidelity(f: &NpFidelity, texts: &mut HashMap<String, Arc<str>>) -> Fidelity {
+    let text = match f {
+        NpFidelity::Exact => "Exact".to_string(),
+        NpFidelity::NotExpressible(reasons) => reasons
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    Fidelity {
+        exact: matches!(f, NpFidelity::Exact),
+        text: texts
+            .entry(text)
+            .or_insert_with_key(|t| t.as_str().into())
+            .clone(),
     }
 }
 
@@ -135,11 +150,12 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
             out.anomalies.insert(nsg.id.clone(), anomalies);
         }
     }
+    let mut texts = HashMap::new();
     for report in compiled.report {
         out.fidelity
             .entry(report.nsg)
             .or_default()
-            .insert(report.rule, fidelity(&report.fidelity));
+            .insert(report.rule, fidelity(&report.fidelity, &mut texts));
     }
     out
 }

@@ -72,7 +72,7 @@ pub fn spec_digest(spec: &Value) -> Digest {
 /// The object to server-side apply: the compiler's policy with the project's labels and a
 /// controller owner reference to its NSG (so deleting the NSG garbage-collects it).
 pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
-    let mut labels = p.policy.metadata.labels.clone();
+    let mut labels = p.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     // The compiler shortens long names to fit a label value; keep its value when it set one.
     labels
@@ -85,7 +85,7 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
             "name": p.name,
             "namespace": p.namespace,
             "labels": labels,
-            "annotations": p.policy.metadata.annotations,
+            "annotations": p.annotations,
             "ownerReferences": [{
                 "apiVersion": NSG_API_VERSION,
                 "kind": NSG_KIND,
@@ -95,7 +95,7 @@ pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
                 "blockOwnerDeletion": true,
             }],
         },
-        "spec": p.policy.spec,
+        "spec": p.spec_value(),
     })
 }
 
@@ -166,12 +166,12 @@ fn subset(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String
 /// Whether `observed` already is what applying `desired` for the NSG `owner_uid` would make
 /// it: the same spec, our labels and annotations, and our owner reference.
 pub fn up_to_date(desired: &DesiredPolicy, owner_uid: &str, observed: &ObservedPolicy) -> bool {
-    let mut labels = desired.policy.metadata.labels.clone();
+    let mut labels = desired.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     desired.spec == observed.spec
         && observed.owner_uid.as_deref() == Some(owner_uid)
         && subset(&labels, &observed.labels)
-        && subset(&desired.policy.metadata.annotations, &observed.annotations)
+        && subset(&desired.annotations, &observed.annotations)
 }
 
 #[cfg(test)]

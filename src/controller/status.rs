@@ -267,7 +267,7 @@ fn effective_rule(
         )),
         fidelity: fidelity
             .and_then(|f| f.get(&rule.name))
-            .map(|f| f.text.clone()),
+            .map(|f| f.text.to_string()),
         unresolved: if rule.is_default {
             vec![]
         } else {
