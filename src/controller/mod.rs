@@ -66,9 +66,9 @@
 //! NSG its converted model, conditions and a digest of the rest of its status; a
 //! NetworkPolicy its metadata and a digest of its normalised spec; a compiled policy between
 //! passes its spec as JSON text), lists come in small pages, write responses are metadata
-//! only, the runtime has one thread, the allocator (mimalloc, in `main.rs`) returns freed
-//! pages, and the release build is optimised for size (`Cargo.toml`: the touched program
-//! text is a third of the resident memory). See the benchmark for the figures.
+//! only, the runtime has one thread, and the allocator (mimalloc, in `main.rs`) returns freed
+//! pages. The touched program text is more than a third of the resident memory. See the
+//! benchmark for the figures.
 
 pub mod cache;
 pub mod compile;
