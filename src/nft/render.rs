@@ -171,7 +171,7 @@ pub fn rule_text(rule: &Rule) -> String {
     parts.push(match &rule.action {
         Action::Verdict(v) => verdict(v),
         Action::Vmap { key, map } => {
-            let fields: Vec<&str> = key.iter().map(|f| field(*f)).collect();
+            let fields: Vec<String> = key.iter().map(|f| field(*f)).collect();
             let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
             let map = match map {
                 MapRef::Named(n) => format!("@{n}"),
@@ -256,16 +256,21 @@ fn verdict(v: &Verdict) -> String {
     }
 }
 
-fn field(f: Field) -> &'static str {
+fn field(f: Field) -> String {
     match f {
-        Field::Addr(Family::V4, Side::Src) => "ip saddr",
-        Field::Addr(Family::V4, Side::Dst) => "ip daddr",
-        Field::Addr(Family::V6, Side::Src) => "ip6 saddr",
-        Field::Addr(Family::V6, Side::Dst) => "ip6 daddr",
-        Field::L4Proto => "meta l4proto",
-        Field::Port(Side::Src) => "th sport",
-        Field::Port(Side::Dst) => "th dport",
+        Field::Addr(Family::V4, Side::Src) => "ip saddr".into(),
+        Field::Addr(Family::V4, Side::Dst) => "ip daddr".into(),
+        Field::Addr(Family::V6, Side::Src) => "ip6 saddr".into(),
+        Field::Addr(Family::V6, Side::Dst) => "ip6 daddr".into(),
+        Field::L4Proto => "meta l4proto".into(),
+        Field::Port(Side::Src) => "th sport".into(),
+        Field::Port(Side::Dst) => "th dport".into(),
+        Field::Class(id) => format!("meta mark & 0x00000000 | {}", mark(id as u128)),
     }
+}
+
+fn mark(v: u128) -> String {
+    format!("0x{v:08x}")
 }
 
 fn type_name(k: KeyType) -> &'static str {
@@ -274,6 +279,7 @@ fn type_name(k: KeyType) -> &'static str {
         KeyType::Ipv6 => "ipv6_addr",
         KeyType::Proto => "inet_proto",
         KeyType::Port => "inet_service",
+        KeyType::Mark => "mark",
     }
 }
 
@@ -339,6 +345,8 @@ fn key_part((a, b): Span, t: KeyType) -> String {
         KeyType::Proto if a == b => proto_name(a as u8),
         KeyType::Proto | KeyType::Port if a == b => a.to_string(),
         KeyType::Proto | KeyType::Port => format!("{a}-{b}"),
+        KeyType::Mark if a == b => mark(a),
+        KeyType::Mark => format!("{}-{}", mark(a), mark(b)),
     }
 }
 
@@ -367,6 +375,7 @@ mod tests {
         assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
         assert_eq!(key_part((80, 80), KeyType::Port), "80");
         assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
+        assert_eq!(key_part((5, 5), KeyType::Mark), "0x00000005");
     }
 
     #[test]
