@@ -37,8 +37,8 @@
 //!   `meta mark & 0x0 | K` is the constant K (the mark is read, masked off and never
 //!   written), the only way nft 1.0.6 takes a constant into a concatenated key. One small
 //!   interval map per class instead made the kernel create thousands of concatenated
-//!   interval (pipapo) sets, a millisecond or more each; a map is closed at 1,024 elements
-//!   because inserting into one grows with its size. `nft list` prints the constant as
+//!   interval (pipapo) sets, a millisecond or more each; a map is closed at 128 elements
+//!   because inserting into one, and looking a packet up in it, grow with its size. `nft list` prints the constant as
 //!   `meta mark & 0x0000000K | 0x0000000K`, the same value.
 //! - ICMP has no ports (`th dport` would read its checksum): port maps hold TCP and UDP
 //!   elements only (any other protocol finds none and goes on); ICMP is decided by the first
