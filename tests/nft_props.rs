@@ -288,16 +288,7 @@ fn parse_span(p: &str, t: nft::KeyType) -> (u128, u128) {
             }
         }
         _ => {
-            let num = |s: &str| -> u128 {
-                match s {
-                    "tcp" => 6,
-                    "udp" => 17,
-                    _ => match s.strip_prefix("0x") {
-                        Some(h) => u128::from_str_radix(h, 16).unwrap(),
-                        None => s.parse().unwrap(),
-                    },
-                }
-            };
+            let num = |s: &str| -> u128 { s.parse().unwrap() };
             match p.split_once('-') {
                 Some((a, b)) => (num(a), num(b)),
                 None => (num(p), num(p)),

@@ -873,14 +873,13 @@ impl Compiler<'_, '_> {
         }
         let mut class_chains = Vec::new();
         let mut maps = PortMaps::default();
-        for (k, &i) in order.iter().enumerate() {
+        for &i in &order {
             let fallback = fns[i]
                 .fallback
                 .as_ref()
                 .map(|fb| target[fn_ids[&**fb]].as_str());
             class_chains.push(class_chain(
                 &target[i],
-                k as u32 + 1, // 0 would print as a bare mask
                 &fns[i],
                 &stage.rules,
                 fallback,
@@ -896,11 +895,11 @@ impl Compiler<'_, '_> {
                     ("ports", "destination ports")
                 };
                 let name = format!("{}/{kind}/{n}", stage.base);
-                let mut key = vec![KeyType::Mark, KeyType::Proto, KeyType::Port];
+                let mut key = vec![KeyType::Port, KeyType::Port];
                 if sport {
                     key.push(KeyType::Port);
                 }
-                let text = format!("{}: TCP and UDP {what} per peer class", stage.level_hint);
+                let text = format!("{}: {what} per peer class and protocol", stage.level_hint);
                 self.sets.insert(
                     name.clone(),
                     Set {
@@ -1321,12 +1320,12 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         .collect()
 }
 
-/// The port maps of one stage, shared by its class chains: (class id . protocol .
-/// destination port [. source port]) → the deciding rule's chain, without and with source
-/// ports. A few large maps instead of one small map per class: the kernel spends
-/// milliseconds creating each concatenated interval set. Inserting into one, and a packet's
-/// lookup, grow with its size, so a map is closed after `PORT_MAP_SIZE` elements (128 loaded
-/// and forwarded faster than 1,024 on the benchmark table).
+/// The port maps of one stage, shared by its class chains: (id . destination port [. source
+/// port]) → the deciding rule's chain, without and with source ports; an id stands for one
+/// class and protocol within its map. A few large maps instead of one small map per class:
+/// the kernel spends milliseconds creating each concatenated interval set. Inserting into
+/// one, and a packet's lookup, grow with its size, so a map is closed after `PORT_MAP_SIZE`
+/// elements (128 loaded and forwarded faster than 1,024 on the benchmark table).
 #[derive(Default)]
 struct PortMaps {
     plain: Vec<Vec<Element>>,
@@ -1336,8 +1335,8 @@ struct PortMaps {
 const PORT_MAP_SIZE: usize = 128;
 
 impl PortMaps {
-    /// The map a class's elements go to: its name and elements.
-    fn open(&mut self, base: &str, sport: bool) -> (String, &mut Vec<Element>) {
+    /// The map the next class and protocol go to: its name, elements and a new id.
+    fn open(&mut self, base: &str, sport: bool) -> (String, &mut Vec<Element>, u16) {
         let (kind, chunks) = if sport {
             ("ports-sport", &mut self.sport)
         } else {
@@ -1347,42 +1346,41 @@ impl PortMaps {
             chunks.push(Vec::new());
         }
         let n = chunks.len() - 1;
-        (format!("{base}/{kind}/{n}"), &mut chunks[n])
+        let chunk = &mut chunks[n];
+        // Elements are added in id order: the last one holds the highest id so far.
+        let id = chunk.last().map_or(1, |e| e.key[0].0 as u16 + 1);
+        (format!("{base}/{kind}/{n}"), chunk, id)
     }
 }
 
-/// A peer class's chain: TCP/UDP through the stage's port map, then ICMP and other
+/// A peer class's chain: TCP and UDP each through a port map, then ICMP and other
 /// protocols; a partial class then goes on to its fallback's chain. Protocols are single
 /// matches, not anonymous sets: each anonymous set is a kernel set to create.
 fn class_chain(
     name: &str,
-    id: u32,
     f: &ClassFn,
     rules: &[StageRule],
     fallback: Option<&str>,
     maps: (&str, &mut PortMaps),
 ) -> Chain {
     let goto = |r: usize| Verdict::Goto(rules[r].chain.clone());
+    let (base, maps) = maps;
     let mut out = Vec::new();
-    // What the chain's last rule decides anyway needs no element.
-    let boxes: Vec<(u8, &PortBox)> = [(proto::TCP, &f.tcp), (proto::UDP, &f.udp)]
-        .into_iter()
-        .flat_map(|(p, boxes)| boxes.iter().map(move |b| (p, b)))
-        .filter(|(_, b)| Some(b.rule) != f.other)
-        .collect();
-    if !boxes.is_empty() {
-        let (base, maps) = maps;
-        let sport = boxes.iter().any(|(_, b)| b.sport != (0, 65535));
-        let mut key = vec![Field::Class(id), Field::L4Proto, Field::Port(Side::Dst)];
+    for (p, boxes) in [(proto::TCP, &f.tcp), (proto::UDP, &f.udp)] {
+        // What the chain's last rule decides anyway needs no element.
+        let boxes: Vec<&PortBox> = boxes.iter().filter(|b| Some(b.rule) != f.other).collect();
+        if boxes.is_empty() {
+            continue;
+        }
+        let sport = boxes.iter().any(|b| b.sport != (0, 65535));
+        let (map, elements, id) = maps.open(base, sport);
+        let mut key = vec![Field::Class(id), Field::Port(Side::Dst)];
         if sport {
             key.push(Field::Port(Side::Src));
         }
-        let (map, elements) = maps.open(base, sport);
-        // Only TCP and UDP elements: any other protocol finds none and goes on.
-        for (p, b) in boxes {
+        for b in boxes {
             let mut k = vec![
                 (id as u128, id as u128),
-                (p as u128, p as u128),
                 (b.dport.0 as u128, b.dport.1 as u128),
             ];
             if sport {
@@ -1394,7 +1392,7 @@ fn class_chain(
             });
         }
         out.push(Rule::new(
-            vec![],
+            vec![Match::L4Proto(vec![p])],
             Action::Vmap {
                 key,
                 map: MapRef::Named(map),

@@ -265,12 +265,8 @@ fn field(f: Field) -> String {
         Field::L4Proto => "meta l4proto".into(),
         Field::Port(Side::Src) => "th sport".into(),
         Field::Port(Side::Dst) => "th dport".into(),
-        Field::Class(id) => format!("meta mark & 0x00000000 | {}", mark(id as u128)),
+        Field::Class(id) => format!("th sport & 0 | {id}"),
     }
-}
-
-fn mark(v: u128) -> String {
-    format!("0x{v:08x}")
 }
 
 fn type_name(k: KeyType) -> &'static str {
@@ -279,7 +275,6 @@ fn type_name(k: KeyType) -> &'static str {
         KeyType::Ipv6 => "ipv6_addr",
         KeyType::Proto => "inet_proto",
         KeyType::Port => "inet_service",
-        KeyType::Mark => "mark",
     }
 }
 
@@ -345,8 +340,6 @@ fn key_part((a, b): Span, t: KeyType) -> String {
         KeyType::Proto if a == b => proto_name(a as u8),
         KeyType::Proto | KeyType::Port if a == b => a.to_string(),
         KeyType::Proto | KeyType::Port => format!("{a}-{b}"),
-        KeyType::Mark if a == b => mark(a),
-        KeyType::Mark => format!("{}-{}", mark(a), mark(b)),
     }
 }
 
@@ -375,7 +368,6 @@ mod tests {
         assert_eq!(key_part((6, 17), KeyType::Proto), "6-17");
         assert_eq!(key_part((80, 80), KeyType::Port), "80");
         assert_eq!(key_part((0, 65535), KeyType::Port), "0-65535");
-        assert_eq!(key_part((5, 5), KeyType::Mark), "0x00000005");
     }
 
     #[test]

@@ -61,8 +61,6 @@ pub enum KeyType {
     Ipv6,
     Proto,
     Port,
-    /// `mark`: the type of a class id.
-    Mark,
 }
 
 /// A packet field read by a map lookup.
@@ -74,10 +72,10 @@ pub enum Field {
     L4Proto,
     /// `th sport` / `th dport`: the first four bytes of the transport header, whatever it is.
     Port(Side),
-    /// A constant: `meta mark & 0x0 | ID` computes `ID` whatever the packet's mark (which it
-    /// does not change). As the first part of a key it lets many classes share one map: nft
-    /// cannot put a constant in a concatenation otherwise.
-    Class(u32),
+    /// A constant: `th sport & 0 | ID` computes `ID` (an `inet_service`) whatever the port.
+    /// As the first part of a key it lets many classes share one map: nft cannot put a
+    /// constant in a concatenation otherwise. Only behind a TCP or UDP match.
+    Class(u16),
 }
 
 impl Field {
@@ -87,7 +85,7 @@ impl Field {
             Field::Addr(Family::V6, _) => KeyType::Ipv6,
             Field::L4Proto => KeyType::Proto,
             Field::Port(_) => KeyType::Port,
-            Field::Class(_) => KeyType::Mark,
+            Field::Class(_) => KeyType::Port,
         }
     }
 }

@@ -22,9 +22,6 @@ pub struct Pkt {
     pub th_dport: u16,
     pub icmp_type: Option<u8>,
     pub ct: CtState,
-    /// `meta mark`: other programs' bits (kube-proxy's 0x4000), which the table must neither
-    /// read nor change.
-    pub mark: u32,
 }
 
 fn value(ip: IpAddr) -> (Family, u128) {
@@ -58,7 +55,6 @@ impl Pkt {
             th_dport: p.dst_port,
             icmp_type,
             ct: CtState::New,
-            mark: 0x4000,
         }
     }
 }
@@ -295,13 +291,13 @@ fn field(f: Field, pkt: &Pkt) -> Option<u128> {
         Field::L4Proto => Some(pkt.proto as u128),
         Field::Port(Side::Src) => Some(pkt.th_sport as u128),
         Field::Port(Side::Dst) => Some(pkt.th_dport as u128),
-        // `meta mark & 0x0 | ID` loads the mark, then the kernel's bitwise expression.
-        Field::Class(id) => Some(bitwise(pkt.mark, 0, id) as u128),
+        // `th sport & 0 | ID` loads the port, then the kernel's bitwise expression.
+        Field::Class(id) => Some(bitwise(pkt.th_sport, 0, id) as u128),
     }
 }
 
 /// nft's `bitwise` expression: `(reg & mask) ^ xor`.
-fn bitwise(reg: u32, mask: u32, xor: u32) -> u32 {
+fn bitwise(reg: u16, mask: u16, xor: u16) -> u16 {
     (reg & mask) ^ xor
 }
 
@@ -337,7 +333,6 @@ fn check_elements(
                 KeyType::Ipv6 => u128::MAX,
                 KeyType::Proto => 255,
                 KeyType::Port => 65535,
-                KeyType::Mark => u32::MAX as u128,
             };
             if a > b || b > max {
                 return Err(format!("{at}: element {e:?} out of range"));
