@@ -287,6 +287,12 @@ fn parse_span(p: &str, t: nft::KeyType) -> (u128, u128) {
                 None => (addr(p), addr(p)),
             }
         }
-        _ => panic!("only address sets are updated by elements"),
+        _ => {
+            let num = |s: &str| -> u128 { s.parse().unwrap() };
+            match p.split_once('-') {
+                Some((a, b)) => (num(a), num(b)),
+                None => (num(p), num(p)),
+            }
+        }
     }
 }

@@ -237,13 +237,6 @@ impl ClassFn {
             _ => None,
         }
     }
-
-    fn uses_sport(&self) -> bool {
-        self.tcp
-            .iter()
-            .chain(&self.udp)
-            .any(|b| b.sport != (0, 65535))
-    }
 }
 
 /// The classification of peer addresses one stage variant makes, per family: pod addresses
@@ -779,11 +772,12 @@ impl Compiler<'_, '_> {
         let mut fns: Vec<ClassFn> = Vec::new();
         let mut fn_ids: HashMap<ClassFn, usize> = HashMap::new();
         let mut memo: HashMap<Vec<usize>, usize> = HashMap::new();
+        let mut broad_fns = HashMap::new();
         let mut id_of = |class: Vec<usize>| -> usize {
             if let Some(&id) = memo.get(&class) {
                 return id;
             }
-            let f = class_fn(&stage.rules, &class, d);
+            let f = class_fn(&stage.rules, &class, d, &mut broad_fns);
             let mut intern = |f: ClassFn| {
                 let next = fns.len();
                 *fn_ids.entry(f.clone()).or_insert_with(|| {
@@ -802,28 +796,55 @@ impl Compiler<'_, '_> {
         // they get exact (hash) entries where their class differs from the surrounding
         // prefixes'; the interval map then holds only the structure of prefixes and tags, and
         // pod churn never touches it.
+        // The address space is cut once for all variants: a variant's class is its part of
+        // the stage-wide class (whose rules stop at the first that matches everything in every
+        // variant).
+        let union: Vec<usize> = variants
+            .iter()
+            .flatten()
+            .copied()
+            .collect::<BTreeSet<usize>>()
+            .into_iter()
+            .collect();
+        let in_all: BTreeSet<usize> = union
+            .iter()
+            .copied()
+            .filter(|i| variants.iter().all(|v| v.contains(i)))
+            .collect();
+        let mut atoms = BTreeMap::new();
+        for fam in Family::BOTH {
+            for prefixes_only in [true, false] {
+                let cut = peer_atoms(&stage.rules, &union, fam, prefixes_only, &in_all);
+                atoms.insert((fam, prefixes_only), cut);
+            }
+        }
         let mut classified: Vec<(Vec<usize>, Classification)> = Vec::new();
         for v in variants {
             let mut cls = Classification::new();
             for fam in Family::BOTH {
+                let (cut, classes) = &atoms[&(fam, true)];
+                let ids: Vec<usize> = classes
+                    .iter()
+                    .map(|c| id_of(restrict(&stage.rules, c, v)))
+                    .collect();
                 let mut intervals: Vec<(Span, usize)> = Vec::new();
-                for (span, class) in peer_atoms(&stage.rules, v, fam, true) {
-                    let id = id_of(class);
+                for &(span, c) in cut {
+                    let id = ids[c];
                     match intervals.last_mut() {
-                        Some((prev, last)) if *last == id && prev.1 + 1 == span.0 => {
-                            prev.1 = span.1
-                        }
+                        Some((prev, last)) if *last == id => prev.1 = span.1,
                         _ => intervals.push((span, id)),
                     }
                 }
-                let full = peer_atoms(&stage.rules, v, fam, false);
+                let (cut, classes) = &atoms[&(fam, false)];
+                let mut ids: Vec<Option<usize>> = vec![None; classes.len()];
                 let at = |items: &[(Span, usize)], x: u128| {
                     items[items.partition_point(|(s, _)| s.1 < x)].1
                 };
                 let mut pods = Vec::new();
                 for &x in self.pod_ips.get(&fam).into_iter().flatten() {
-                    let class = full[full.partition_point(|(s, _)| s.1 < x)].1.clone();
-                    let id = id_of(class);
+                    let c = at(cut, x);
+                    let id = *ids[c]
+                        .get_or_insert_with(|| id_of(restrict(&stage.rules, &classes[c], v)));
                     if id != at(&intervals, x) {
                         pods.push((x, id));
                     }
@@ -851,12 +872,46 @@ impl Compiler<'_, '_> {
             target[i] = ident(&format!("{}/c{k}", stage.base));
         }
         let mut class_chains = Vec::new();
+        let mut maps = PortMaps::default();
         for &i in &order {
             let fallback = fns[i]
                 .fallback
                 .as_ref()
                 .map(|fb| target[fn_ids[&**fb]].as_str());
-            class_chains.push(class_chain(&target[i], &fns[i], &stage.rules, fallback));
+            class_chains.push(class_chain(
+                &target[i],
+                &fns[i],
+                &stage.rules,
+                fallback,
+                (&stage.base, &mut maps),
+            ));
+        }
+        for (sport, chunks) in [(false, maps.plain), (true, maps.sport)] {
+            for (n, mut elements) in chunks.into_iter().enumerate() {
+                elements.sort();
+                let (kind, what) = if sport {
+                    ("ports-sport", "destination and source ports")
+                } else {
+                    ("ports", "destination ports")
+                };
+                let name = format!("{}/{kind}/{n}", stage.base);
+                let mut key = vec![KeyType::Port, KeyType::Port];
+                if sport {
+                    key.push(KeyType::Port);
+                }
+                let text = format!("{}: {what} per peer class and protocol", stage.level_hint);
+                self.sets.insert(
+                    name.clone(),
+                    Set {
+                        name,
+                        key,
+                        is_map: true,
+                        interval: true,
+                        comment: Some(comment(&text)),
+                        elements,
+                    },
+                );
+            }
         }
 
         // Stage chains: variants whose classification came out the same share one.
@@ -1016,15 +1071,17 @@ fn linear_protocol(rule: &SecurityRule, fam: Family) -> Option<Vec<Match>> {
 }
 
 /// Splits the peer address space of `fam` into intervals over which the same rules of
-/// `variant` hold, each with those rules in order up to the first that matches every packet.
+/// `members` hold. Returns the intervals, each with the index of its class, and the classes:
+/// rules in order, up to the first that matches every packet and is in `stops`.
 fn peer_atoms(
     rules: &[StageRule],
-    variant: &[usize],
+    members: &[usize],
     fam: Family,
     prefixes_only: bool,
-) -> Vec<(Span, Vec<usize>)> {
+    stops: &BTreeSet<usize>,
+) -> (Vec<(Span, usize)>, Vec<Vec<usize>>) {
     let mut events: Vec<(u128, bool, usize)> = Vec::new(); // (position, starts, rule)
-    for &i in variant {
+    for &i in members {
         let peer = if prefixes_only {
             &rules[i].peer_prefixes
         } else {
@@ -1039,7 +1096,9 @@ fn peer_atoms(
     }
     events.sort_unstable();
     let mut active: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut out: Vec<(Span, Vec<usize>)> = Vec::new();
+    let mut out: Vec<(Span, usize)> = Vec::new();
+    let mut classes: Vec<Vec<usize>> = Vec::new();
+    let mut index: HashMap<Vec<usize>, usize> = HashMap::new();
     let mut e = 0;
     let mut pos: u128 = 0;
     loop {
@@ -1063,19 +1122,38 @@ fn peer_atoms(
         let mut class = Vec::new();
         for &i in active.keys() {
             class.push(i);
+            if is_total(&rules[i].rule) && stops.contains(&i) {
+                break;
+            }
+        }
+        let c = *index.entry(class).or_insert_with_key(|class| {
+            classes.push(class.clone());
+            classes.len() - 1
+        });
+        match out.last_mut() {
+            Some((span, last)) if *last == c => span.1 = end,
+            _ => out.push(((pos, end), c)),
+        }
+        if end == fam.max() {
+            return (out, classes);
+        }
+        pos = end + 1;
+    }
+}
+
+/// The part of a stage-wide class that holds for a variant (sorted rule indices): its rules,
+/// up to the first that matches everything.
+fn restrict(rules: &[StageRule], class: &[usize], variant: &[usize]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for &i in class {
+        if variant.binary_search(&i).is_ok() {
+            out.push(i);
             if is_total(&rules[i].rule) {
                 break;
             }
         }
-        match out.last_mut() {
-            Some((span, c)) if *c == class => span.1 = end,
-            _ => out.push(((pos, end), class)),
-        }
-        if end == fam.max() {
-            return out;
-        }
-        pos = end + 1;
     }
+    out
 }
 
 /// The first-match decision of a class (rules in priority order, ending with a total one).
@@ -1110,22 +1188,36 @@ fn is_broad(sr: &StageRule, d: Direction) -> bool {
 
 /// The decision of a class, split into what its specific rules decide and the shared
 /// decision of its broad rules (see `ClassFn`).
-fn class_fn(rules: &[StageRule], class: &[usize], d: Direction) -> ClassFn {
-    let full = complete_fn(rules, class);
+fn class_fn(
+    rules: &[StageRule],
+    class: &[usize],
+    d: Direction,
+    broad_fns: &mut HashMap<Vec<usize>, ClassFn>,
+) -> ClassFn {
     let specific: BTreeSet<usize> = class
         .iter()
         .copied()
         .filter(|&i| !is_broad(&rules[i], d))
         .collect();
-    let other = full.other.expect("complete");
-    if specific.is_empty() || specific.contains(&other) {
-        return full;
+    let last = *class.last().expect("a class ends with a total rule");
+    if specific.is_empty() || specific.contains(&last) {
+        return complete_fn(rules, class);
     }
+    // Where a specific rule decides, the broad rules after the last specific one do not
+    // matter: the class's own part is computed without them (the total rule closes it).
+    let cut = class.iter().rposition(|i| specific.contains(i)).unwrap();
+    let mut head = class[..=cut].to_vec();
+    head.push(last);
+    let full = complete_fn(rules, &head);
     let broad: Vec<usize> = class
         .iter()
         .copied()
         .filter(|i| !specific.contains(i))
         .collect();
+    let fallback = broad_fns
+        .entry(broad)
+        .or_insert_with_key(|broad| complete_fn(rules, broad))
+        .clone();
     let own = |boxes: Vec<PortBox>| -> Vec<PortBox> {
         boxes
             .into_iter()
@@ -1137,7 +1229,7 @@ fn class_fn(rules: &[StageRule], class: &[usize], d: Direction) -> ClassFn {
         udp: own(full.udp),
         icmp: full.icmp.filter(|i| specific.contains(i)),
         other: None,
-        fallback: Some(Box::new(complete_fn(rules, &broad))),
+        fallback: Some(Box::new(fallback)),
     }
 }
 
@@ -1228,65 +1320,98 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         .collect()
 }
 
-/// A peer class's chain: TCP/UDP through one port map, ICMP and other protocols after; a
-/// partial class then goes on to its fallback's chain.
-fn class_chain(name: &str, f: &ClassFn, rules: &[StageRule], fallback: Option<&str>) -> Chain {
+/// The port maps of one stage, shared by its class chains: (id . destination port [. source
+/// port]) → the deciding rule's chain, without and with source ports; an id stands for one
+/// class and protocol within its map. A few large maps instead of one small map per class:
+/// the kernel spends milliseconds creating each concatenated interval set. Inserting into
+/// one, and a packet's lookup, grow with its size, so a map is closed after `PORT_MAP_SIZE`
+/// elements (128 loaded and forwarded faster than 1,024 on the benchmark table).
+#[derive(Default)]
+struct PortMaps {
+    plain: Vec<Vec<Element>>,
+    sport: Vec<Vec<Element>>,
+}
+
+const PORT_MAP_SIZE: usize = 128;
+
+impl PortMaps {
+    /// The map the next class and protocol go to: its name, elements and a new id.
+    fn open(&mut self, base: &str, sport: bool) -> (String, &mut Vec<Element>, u16) {
+        let (kind, chunks) = if sport {
+            ("ports-sport", &mut self.sport)
+        } else {
+            ("ports", &mut self.plain)
+        };
+        if chunks.last().is_none_or(|c| c.len() >= PORT_MAP_SIZE) {
+            chunks.push(Vec::new());
+        }
+        let n = chunks.len() - 1;
+        let chunk = &mut chunks[n];
+        // Elements are added in id order: the last one holds the highest id so far.
+        let id = chunk.last().map_or(1, |e| e.key[0].0 as u16 + 1);
+        (format!("{base}/{kind}/{n}"), chunk, id)
+    }
+}
+
+/// A peer class's chain: TCP and UDP each through a port map, then ICMP and other
+/// protocols; a partial class then goes on to its fallback's chain. Protocols are single
+/// matches, not anonymous sets: each anonymous set is a kernel set to create.
+fn class_chain(
+    name: &str,
+    f: &ClassFn,
+    rules: &[StageRule],
+    fallback: Option<&str>,
+    maps: (&str, &mut PortMaps),
+) -> Chain {
     let goto = |r: usize| Verdict::Goto(rules[r].chain.clone());
-    let tcp_udp = Match::L4Proto(vec![proto::TCP, proto::UDP]);
+    let (base, maps) = maps;
     let mut out = Vec::new();
-    if f.tcp.is_empty() && f.udp.is_empty() {
-        // Nothing decided here for TCP or UDP.
-    } else if f.fallback.is_none() && f.tcp == f.udp && f.tcp.len() == 1 {
-        out.push(Rule::verdict(vec![tcp_udp], goto(f.tcp[0].rule)));
-    } else {
-        let sport = f.uses_sport();
-        let mut key = vec![Field::L4Proto, Field::Port(Side::Dst)];
+    for (p, boxes) in [(proto::TCP, &f.tcp), (proto::UDP, &f.udp)] {
+        // What the chain's last rule decides anyway needs no element.
+        let boxes: Vec<&PortBox> = boxes.iter().filter(|b| Some(b.rule) != f.other).collect();
+        if boxes.is_empty() {
+            continue;
+        }
+        let sport = boxes.iter().any(|b| b.sport != (0, 65535));
+        let (map, elements, id) = maps.open(base, sport);
+        let mut key = vec![Field::Class(id), Field::Port(Side::Dst)];
         if sport {
             key.push(Field::Port(Side::Src));
         }
-        // The map is reached by TCP and UDP only, so when both decide alike one element
-        // covers both with the protocol interval tcp..udp.
-        let protos: Vec<(Span, &[PortBox])> = if f.tcp == f.udp {
-            vec![((proto::TCP as u128, proto::UDP as u128), &f.tcp)]
-        } else {
-            vec![
-                ((proto::TCP as u128, proto::TCP as u128), &f.tcp),
-                ((proto::UDP as u128, proto::UDP as u128), &f.udp),
-            ]
-        };
-        let mut elements = Vec::new();
-        for (p, boxes) in protos {
-            for b in boxes {
-                let mut k = vec![p, (b.dport.0 as u128, b.dport.1 as u128)];
-                if sport {
-                    k.push((b.sport.0 as u128, b.sport.1 as u128));
-                }
-                elements.push(Element {
-                    key: k,
-                    verdict: Some(goto(b.rule)),
-                });
+        for b in boxes {
+            let mut k = vec![
+                (id as u128, id as u128),
+                (b.dport.0 as u128, b.dport.1 as u128),
+            ];
+            if sport {
+                k.push((b.sport.0 as u128, b.sport.1 as u128));
             }
+            elements.push(Element {
+                key: k,
+                verdict: Some(goto(b.rule)),
+            });
         }
-        elements.sort();
         out.push(Rule::new(
-            vec![tcp_udp],
+            vec![Match::L4Proto(vec![p])],
             Action::Vmap {
                 key,
-                map: MapRef::Inline(elements),
+                map: MapRef::Named(map),
             },
         ));
     }
-    let icmp = Match::L4Proto(vec![proto::ICMP, proto::ICMPV6]);
+    let icmp = |i: usize| {
+        [proto::ICMP, proto::ICMPV6].map(|p| Rule::verdict(vec![Match::L4Proto(vec![p])], goto(i)))
+    };
     match (f.icmp, f.other, fallback) {
         (Some(i), Some(o), None) => {
             if i != o {
-                out.push(Rule::verdict(vec![icmp], goto(i)));
+                out.extend(icmp(i));
             }
             out.push(Rule::verdict(vec![], goto(o)));
         }
         (i, None, Some(next)) => {
             if let Some(i) = i {
-                out.push(Rule::verdict(vec![icmp], goto(i)));
+                out.extend(icmp(i));
             }
             out.push(Rule::verdict(vec![], Verdict::Goto(next.to_string())));
         }

@@ -11,9 +11,11 @@
 //! pods-in/N:   ct state invalid drop; jump in/NS/SUBNET-NSG; jump in/NS/NIC-NSG
 //! in/NS/NSG:   ip saddr vmap @in/NS/NSG/pods.v4               (pod peers with a class of their own)
 //!              ip saddr vmap @in/NS/NSG.v4    ─ goto in/NS/NSG/cK  (prefixes and tags → class)
-//! in/NS/NSG/cK: meta l4proto { tcp, udp } meta l4proto . th dport [. th sport] vmap { … }
-//!               meta l4proto { icmp, ipv6-icmp } goto …;  goto …  (ICMP, other protocols;
-//!               a class of specific rules ends with `goto` its broad rules' class instead)
+//! in/NS/NSG/cK: meta l4proto tcp th sport & 0 | ID . th dport [. th sport]
+//!                   vmap @in/NS/NSG/ports[-sport]/M           (TCP, then UDP likewise:
+//!               meta l4proto icmp goto …; …                    the stage's port maps)
+//!               goto …          (other protocols; a class of specific rules ends with `goto`
+//!                                its broad rules' class instead)
 //! in/NS/NSG/PRIO: counter return|drop comment "NS/NSG RULE (inbound PRIO): allow|deny"
 //! ```
 //!
@@ -32,9 +34,19 @@
 //!   own, so pod churn touches hash maps, never the interval maps; a class's specific rules
 //!   (CIDRs, ASGs) are an exception map in front of the shared class of its broad rules (tags,
 //!   any), so a broad rule's ports are written once per context, not once per class.
-//! - ICMP has no ports (`th dport` would read its checksum): port maps are reached by TCP and
-//!   UDP only; ICMP is decided by the first rule of protocol Icmp or Any without port
-//!   restrictions, other protocols by the first of protocol Any without port restrictions.
+//! - The classes of a stage share a few named port maps, keyed on an id of the class and
+//!   protocol first: `th sport & 0 | ID` is the constant ID (the port is read and masked
+//!   off), the only way nft 1.0.6 takes a constant into a concatenated key. One small
+//!   interval map per class instead made the kernel create thousands of concatenated
+//!   interval (pipapo) sets, a millisecond or more each; a map is closed at 128 elements
+//!   because inserting into one, and looking a packet up in it, grow with its size. A 16-bit
+//!   id behind a protocol match keeps each lookup to the fields it had with inline maps (a
+//!   32-bit `meta mark & 0x0 | ID` in front of the protocol cost a third of the forwarding
+//!   rate).
+//! - ICMP has no ports (`th dport` would read its checksum): port maps are reached by TCP
+//!   and UDP only; ICMP is decided by the first
+//!   rule of protocol Icmp or Any without port restrictions, other protocols by the first of
+//!   protocol Any without port restrictions.
 //! - A rule whose local side is an ASG or a prefix applies only to the pods it holds: pods
 //!   whose local address holds different rules of a group get different stage chains
 //!   (`in/NS/NSG/lK`), chosen by the dispatch map.

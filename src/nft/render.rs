@@ -224,7 +224,7 @@ pub fn rule_text(rule: &Rule) -> String {
     parts.push(match &rule.action {
         Action::Verdict(v) => verdict(v),
         Action::Vmap { key, map } => {
-            let fields: Vec<&str> = key.iter().map(|f| field(*f)).collect();
+            let fields: Vec<String> = key.iter().map(|f| field(*f)).collect();
             let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
             let map = match map {
                 MapRef::Named(n) => format!("@{n}"),
@@ -309,15 +309,16 @@ fn verdict(v: &Verdict) -> String {
     }
 }
 
-fn field(f: Field) -> &'static str {
+fn field(f: Field) -> String {
     match f {
-        Field::Addr(Family::V4, Side::Src) => "ip saddr",
-        Field::Addr(Family::V4, Side::Dst) => "ip daddr",
-        Field::Addr(Family::V6, Side::Src) => "ip6 saddr",
-        Field::Addr(Family::V6, Side::Dst) => "ip6 daddr",
-        Field::L4Proto => "meta l4proto",
-        Field::Port(Side::Src) => "th sport",
-        Field::Port(Side::Dst) => "th dport",
+        Field::Addr(Family::V4, Side::Src) => "ip saddr".into(),
+        Field::Addr(Family::V4, Side::Dst) => "ip daddr".into(),
+        Field::Addr(Family::V6, Side::Src) => "ip6 saddr".into(),
+        Field::Addr(Family::V6, Side::Dst) => "ip6 daddr".into(),
+        Field::L4Proto => "meta l4proto".into(),
+        Field::Port(Side::Src) => "th sport".into(),
+        Field::Port(Side::Dst) => "th dport".into(),
+        Field::Class(id) => format!("th sport & 0 | {id}"),
     }
 }
 

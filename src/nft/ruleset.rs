@@ -72,6 +72,10 @@ pub enum Field {
     L4Proto,
     /// `th sport` / `th dport`: the first four bytes of the transport header, whatever it is.
     Port(Side),
+    /// A constant: `th sport & 0 | ID` computes `ID` (an `inet_service`) whatever the port.
+    /// As the first part of a key it lets many classes share one map: nft cannot put a
+    /// constant in a concatenation otherwise. Only behind a TCP or UDP match.
+    Class(u16),
 }
 
 impl Field {
@@ -81,6 +85,7 @@ impl Field {
             Field::Addr(Family::V6, _) => KeyType::Ipv6,
             Field::L4Proto => KeyType::Proto,
             Field::Port(_) => KeyType::Port,
+            Field::Class(_) => KeyType::Port,
         }
     }
 }

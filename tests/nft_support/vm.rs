@@ -291,7 +291,14 @@ fn field(f: Field, pkt: &Pkt) -> Option<u128> {
         Field::L4Proto => Some(pkt.proto as u128),
         Field::Port(Side::Src) => Some(pkt.th_sport as u128),
         Field::Port(Side::Dst) => Some(pkt.th_dport as u128),
+        // `th sport & 0 | ID` loads the port, then the kernel's bitwise expression.
+        Field::Class(id) => Some(bitwise(pkt.th_sport, 0, id) as u128),
     }
+}
+
+/// nft's `bitwise` expression: `(reg & mask) ^ xor`.
+fn bitwise(reg: u16, mask: u16, xor: u16) -> u16 {
+    (reg & mask) ^ xor
 }
 
 fn contains(e: &Element, k: &[u128]) -> bool {
