@@ -179,6 +179,23 @@ fn timed(rounds: usize, mut change: impl FnMut(), mut undo: impl FnMut()) -> f64
     )
 }
 
+/// Median seconds of `nft::sync` from `old` to `new` (an element update), as the agent runs it.
+fn sync_timed(nftc: &NftCommand, old: &Ruleset, new: &Ruleset) -> f64 {
+    let current = RefCell::new(Some(old.clone()));
+    // Rulesets cloned beforehand: the agent compiles each one anew.
+    let mut fresh: Vec<Ruleset> = (0..ROUNDS).map(|_| new.clone()).collect();
+    timed(
+        ROUNDS,
+        || {
+            let a = nft::sync(nftc, &mut current.borrow_mut(), fresh.pop().unwrap()).unwrap();
+            assert_eq!(a, Applied::Elements);
+        },
+        || {
+            nft::sync(nftc, &mut current.borrow_mut(), old.clone()).unwrap();
+        },
+    )
+}
+
 fn elements(update: Update) -> ElementUpdate {
     match update {
         Update::Elements(u) => u,
@@ -258,19 +275,7 @@ fn membership_change(table: &str) {
         || nftc.apply_elements(&plain).unwrap(),
         || nftc.apply_elements(&plain_undo).unwrap(),
     );
-    let current = RefCell::new(Some(old.clone()));
-    // Rulesets cloned beforehand: the agent compiles each one anew.
-    let mut fresh: Vec<Ruleset> = (0..ROUNDS).map(|_| new.clone()).collect();
-    let large_sync = timed(
-        ROUNDS,
-        || {
-            let a = nft::sync(&nftc, &mut current.borrow_mut(), fresh.pop().unwrap()).unwrap();
-            assert_eq!(a, Applied::Elements);
-        },
-        || {
-            nft::sync(&nftc, &mut current.borrow_mut(), old.clone()).unwrap();
-        },
-    );
+    let large_sync = sync_timed(&nftc, &old, &new);
     let large_text = timed(
         ROUNDS,
         || nftc.apply(&update.script()).unwrap(),
@@ -284,19 +289,7 @@ fn membership_change(table: &str) {
         || nftc.apply_elements(&empty_update).unwrap(),
         || nftc.apply_elements(&empty_undo).unwrap(),
     );
-    let current = RefCell::new(Some(empty_old.clone()));
-    // Rulesets cloned beforehand: the agent compiles each one anew.
-    let mut fresh: Vec<Ruleset> = (0..ROUNDS).map(|_| empty_new.clone()).collect();
-    let empty_sync = timed(
-        ROUNDS,
-        || {
-            let a = nft::sync(&nftc, &mut current.borrow_mut(), fresh.pop().unwrap()).unwrap();
-            assert_eq!(a, Applied::Elements);
-        },
-        || {
-            nft::sync(&nftc, &mut current.borrow_mut(), empty_old.clone()).unwrap();
-        },
-    );
+    let empty_sync = sync_timed(&nftc, &empty_old, &empty_new);
     let empty_text = timed(
         ROUNDS,
         || nftc.apply(&empty_update.script()).unwrap(),
