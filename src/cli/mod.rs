@@ -38,11 +38,17 @@ pub struct CliError(pub String);
 
 impl Inputs {
     pub fn inventory(&self) -> Result<Inventory, CliError> {
+        self.load(false).map(|(inventory, _)| inventory)
+    }
+
+    /// The objects from the files, or without any from the cluster; from the cluster and
+    /// with `with_hits`, also the rule hits the node agents report (files hold no counters).
+    fn load(&self, with_hits: bool) -> Result<(Inventory, Option<RuleHits>), CliError> {
         if self.files.is_empty() {
-            return self.live(false).map(|(inventory, _)| inventory);
+            return self.live(with_hits);
         }
         let objects = load::Objects::read(&self.files).map_err(|e| CliError(e.to_string()))?;
-        objects
+        let inventory = objects
             .into_inventory(&self.virtual_network, &self.node_ips)
             .map_err(|errors| {
                 CliError(
@@ -52,11 +58,10 @@ impl Inputs {
                         .collect::<Vec<_>>()
                         .join("\n"),
                 )
-            })
+            })?;
+        Ok((inventory, None))
     }
-}
 
-impl Inputs {
     /// The cluster's objects, as the controller sees them, and with `with_hits` the rule
     /// hits the node agents report. Invalid objects are reported on stderr and left out, as
     /// the controller leaves them out (it keeps their last valid version; a one-shot read
@@ -66,7 +71,7 @@ impl Inputs {
             .enable_all()
             .build()
             .map_err(|e| CliError(e.to_string()))?;
-        let live = runtime.block_on(async {
+        let (live, hits) = runtime.block_on(async {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| CliError(format!("no -f given and no cluster reachable: {e}")))?;
@@ -81,7 +86,6 @@ impl Inputs {
             };
             Ok::<_, CliError>((live, hits))
         })?;
-        let (live, hits) = live;
         for errors in &live.invalid {
             eprintln!("warning: left out: {errors}");
         }
@@ -305,11 +309,7 @@ pub struct EffectiveArgs {
 /// In live mode the rules also carry the new flows they decided, summed over every node's
 /// agent (`hits`; the HITS column): files hold no counters.
 pub fn effective(args: &EffectiveArgs) -> Result<String, CliError> {
-    let (inv, hits) = if args.inputs.files.is_empty() {
-        args.inputs.live(true)?
-    } else {
-        (args.inputs.inventory()?, None)
-    };
+    let (inv, hits) = args.inputs.load(true)?;
     let res = Resolved::new(&inv);
     let pod = find_pod(&res, &args.pod)?;
     let mut stages = effective_rules(&res, pod);
