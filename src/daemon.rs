@@ -1,10 +1,21 @@
 //! What the two long-running roles, `kube-nsg controller` and `kube-nsg agent`, share: the
-//! flags both take, the logging set-up, the shutdown signal and duration parsing.
+//! flags both take, the logging set-up, the shutdown signal, duration parsing, and the
+//! HTTP server of `/metrics`, `/livez` and `/readyz`.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use futures::FutureExt;
 use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,4 +89,129 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await;
+}
+
+/// What a role's `/metrics` and `/readyz` answer.
+pub trait Probes: Send + Sync + 'static {
+    /// The metrics in the text exposition format.
+    fn metrics(&self) -> String;
+    /// `Err(why)` while not ready: `/readyz` answers 503 with it.
+    fn ready(&self) -> Result<(), &'static str>;
+}
+
+async fn metrics<P: Probes>(State(p): State<Arc<P>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        p.metrics(),
+    )
+}
+
+async fn livez() -> &'static str {
+    "ok"
+}
+
+async fn readyz<P: Probes>(State(p): State<Arc<P>>) -> impl IntoResponse {
+    match p.ready() {
+        Ok(()) => (StatusCode::OK, "ok"),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// Binds `addr` (so a busy address fails the start, not a background task) and serves
+/// `/metrics`, `/livez` and `/readyz` there in a task until `shutdown` turns true.
+pub async fn spawn_server<P: Probes>(
+    addr: SocketAddr,
+    probes: Arc<P>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
+    let listener = TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/metrics", get(metrics::<P>))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz::<P>))
+        .with_state(probes);
+    let shutdown = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Fake(AtomicBool);
+
+    impl Probes for Fake {
+        fn metrics(&self) -> String {
+            "# EOF\n".into()
+        }
+        fn ready(&self) -> Result<(), &'static str> {
+            if self.0.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_the_probes_until_shutdown() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let probes = Arc::new(Fake(AtomicBool::new(false)));
+        let (tx, rx) = watch::channel(false);
+        let server = spawn_server(addr, probes.clone(), rx).await.unwrap();
+        assert!(
+            spawn_server(addr, probes.clone(), tx.subscribe())
+                .await
+                .is_err()
+        );
+
+        let livez = get(addr, "/livez").await;
+        assert!(
+            livez.starts_with("HTTP/1.1 200") && livez.ends_with("ok"),
+            "{livez}"
+        );
+        let readyz = get(addr, "/readyz").await;
+        assert!(
+            readyz.starts_with("HTTP/1.1 503") && readyz.ends_with("not yet"),
+            "{readyz}"
+        );
+        probes.0.store(true, Ordering::Relaxed);
+        let readyz = get(addr, "/readyz").await;
+        assert!(
+            readyz.starts_with("HTTP/1.1 200") && readyz.ends_with("ok"),
+            "{readyz}"
+        );
+        let metrics = get(addr, "/metrics").await;
+        assert!(
+            metrics.contains("application/openmetrics-text; version=1.0.0"),
+            "{metrics}"
+        );
+        assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+
+        tx.send_replace(true);
+        server.await.unwrap().unwrap();
+    }
 }

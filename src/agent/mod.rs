@@ -44,7 +44,7 @@ use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::daemon::{DaemonArgs, init_tracing, parse_duration, shutdown_signal};
+use crate::daemon::{self, DaemonArgs, init_tracing, parse_duration, shutdown_signal};
 use crate::model::{Inventory, ObjectRef};
 use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand};
 use crate::resolve::Resolved;
@@ -177,7 +177,8 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     let node = args.node_name.clone().expect("clap requires --node-name");
     let client = Client::try_default().await.map_err(Error::Client)?;
     let metrics = Arc::new(metrics::AgentMetrics::new());
-    let listener = metrics::bind(args.metrics_addr)
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = daemon::spawn_server(args.metrics_addr, metrics.clone(), shutdown_rx.clone())
         .await
         .map_err(|source| Error::Metrics {
             addr: args.metrics_addr,
@@ -185,15 +186,6 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         })?;
     info!(node = %node, addr = %args.metrics_addr, "kube-nsg agent starting");
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let server = tokio::spawn(metrics::serve(
-        listener,
-        metrics.clone(),
-        wait_shutdown(shutdown_rx.clone()),
-    ));
     let source = inputs::CacheSource::start(&client, &metrics, args.daemon.virtual_network.clone());
     let nft: Arc<dyn Nft + Send + Sync> = Arc::new(NftCommand::default());
     let agent = Agent::new(node.clone(), nft, args.compile_options(), metrics.clone());

@@ -90,7 +90,7 @@ use kube::Client;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::daemon::{DaemonArgs, shutdown_signal};
+use crate::daemon::{self, DaemonArgs, shutdown_signal};
 pub use crate::daemon::{LogFormat, init_tracing, parse_duration};
 pub use compile::Mode;
 pub use inventory::{LiveInventory, inventory_from_cluster, scoped_inventory_from_cluster};
@@ -199,7 +199,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let caches = Arc::new(cache::Caches::default());
 
-    let listener = metrics::bind(args.metrics_addr)
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let probes = metrics::ControllerProbes {
+        metrics: metrics.clone(),
+        caches: caches.clone(),
+    };
+    let server = daemon::spawn_server(args.metrics_addr, Arc::new(probes), shutdown_rx.clone())
         .await
         .map_err(|source| Error::Metrics {
             addr: args.metrics_addr,
@@ -207,19 +212,6 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         })?;
     info!(addr = %args.metrics_addr, identity = %identity, mode = ?args.mode, "kube-nsg controller starting");
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = {
-        let mut rx = shutdown_rx.clone();
-        let wait = async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            caches.clone(),
-            wait,
-        ))
-    };
     let watches = caches.spawn_watches(&client, &metrics);
 
     let (leader_tx, leader_rx) = watch::channel(args.no_leader_election);
