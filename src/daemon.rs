@@ -43,6 +43,15 @@ pub struct DaemonArgs {
     pub log_format: LogFormat,
 }
 
+/// Runs `future` to completion on a new single-threaded Tokio runtime (I/O and timers
+/// enabled), for a synchronous `main`; an error if the runtime cannot start.
+pub fn block_on<T>(future: impl Future<Output = T>) -> std::io::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = s.split_at(

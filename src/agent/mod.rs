@@ -137,11 +137,7 @@ pub enum Error {
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the agent is
 /// I/O-bound, its CPU work (compiling) runs on blocking threads.
 pub fn run_blocking(args: AgentArgs) -> Result<(), Error> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?
-        .block_on(run(args))
+    daemon::block_on(run(args)).map_err(Error::Runtime)?
 }
 
 /// `--cleanup`: removes the table (idempotent) and, best effort, the node's Lease.

@@ -175,11 +175,7 @@ pub enum Error {
 /// I/O-bound (its CPU work, a compile, takes tens to hundreds of milliseconds per change), and
 /// one thread means one allocator heap, which at 2,000 pods halves the resident memory.
 pub fn run_blocking(args: ControllerArgs) -> Result<(), Error> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?
-        .block_on(run(args))
+    daemon::block_on(run(args)).map_err(Error::Runtime)?
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
