@@ -8,6 +8,7 @@ pub mod analyze;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod daemon;
 pub mod effective;
 pub mod eval;
 pub mod import;

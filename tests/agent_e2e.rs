@@ -124,8 +124,7 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     );
     assert_eq!(dataplane_field(&client, &nsg).await.as_deref(), Some("1/1"));
     let inventory = inventory(&lab, &files);
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches("three-tier", &report, &inventory, &agent);
+    let report = probe_matches("three-tier", &lab, &inventory, &spec(), &agent).await;
 
     // Stateful: logic1 may open flows to the Internet (AllowInternetOutBound) while the
     // Internet may not open flows to logic1 (DenyAllInbound): the replies pass anyway.
@@ -245,8 +244,7 @@ async fn subnet_and_nic_matches_the_evaluator() {
     assert_eq!(nsgs.len(), 3);
     wait_programmed(&client, REPORT_NS, &nsgs, &[], &agent).await;
     let inventory = inventory(&lab, &files);
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches("subnet-and-nic", &report, &inventory, &agent);
+    let report = probe_matches("subnet-and-nic", &lab, &inventory, &spec(), &agent).await;
     // Azure's example: vm1 takes HTTP from the Internet only because both its subnet group
     // and its interface group allow it; every flow was checked above, spot-check that one.
     let vm1 = report
@@ -380,11 +378,15 @@ async fn removing_a_rule_keeps_established_connections() {
         .await
         .expect("lab up");
     let _table = TableGuard;
-    let mut agent = start_agent("established", &AgentConfig::new(REPORT_NS));
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
     let nsg = ObjectRef::new(ns, "nsg1");
-    wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    let agent = start_agent_programmed(
+        "established",
+        &AgentConfig::new(REPORT_NS),
+        &client,
+        &dir,
+        std::slice::from_ref(&nsg),
+    )
+    .await;
     let (logic1, db1) = (format!("{ns}/logic1"), format!("{ns}/db1"));
     let second = Duration::from_secs(1);
     // Opened with the agent's table in place (conntrack tracks it), allowed by rule 110.
@@ -405,8 +407,7 @@ async fn removing_a_rule_keeps_established_connections() {
         internet: false,
         ..ProbeSpec::default()
     };
-    let report = lab.probe(&inventory, &spec).await.unwrap();
-    assert_no_mismatches("after removing the rule", &report, &inventory, &agent);
+    let report = probe_matches("after removing the rule", &lab, &inventory, &spec, &agent).await;
     let new_flow = report.find(&logic1, &db1, Target::Tcp(1433)).unwrap();
     assert_eq!(
         new_flow.measured,
@@ -441,15 +442,12 @@ async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
     let lab = Lab::up(&files, &client).await.expect("lab up");
     let _table = TableGuard;
     let cfg = AgentConfig::new(REPORT_NS);
-    let mut agent = start_agent("restart-1", &cfg);
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
-    wait_programmed(
+    let mut agent = start_agent_programmed(
+        "restart-1",
+        &cfg,
         &client,
-        REPORT_NS,
+        &dir,
         &[ObjectRef::new(ns, "nsg1")],
-        &[],
-        &agent,
     )
     .await;
     let inventory = inventory(&lab, &files);
@@ -527,14 +525,17 @@ async fn deleting_an_nsg_restores_full_connectivity() {
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
     let _table = TableGuard;
-    let mut agent = start_agent("delete", &AgentConfig::new(REPORT_NS));
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
     let nsg = ObjectRef::new(ns, "nsg1");
-    wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    let agent = start_agent_programmed(
+        "delete",
+        &AgentConfig::new(REPORT_NS),
+        &client,
+        &dir,
+        std::slice::from_ref(&nsg),
+    )
+    .await;
     let inventory = inventory(&lab, &files);
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches("with the group", &report, &inventory, &agent);
+    let report = probe_matches("with the group", &lab, &inventory, &spec(), &agent).await;
     assert!(
         report
             .results
@@ -553,8 +554,7 @@ async fn deleting_an_nsg_restores_full_connectivity() {
     wait_programmed(&client, REPORT_NS, &[], &[nsg], &agent).await;
     let mut open = inventory.clone();
     open.nsgs.clear();
-    let report = lab.probe(&open, &spec()).await.unwrap();
-    assert_no_mismatches("after deleting the group", &report, &open, &agent);
+    let report = probe_matches("after deleting the group", &lab, &open, &spec(), &agent).await;
     assert!(
         report
             .results
@@ -578,15 +578,12 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
     let _table = TableGuard;
-    let mut agent = start_agent("churn", &AgentConfig::new(REPORT_NS));
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
-    wait_programmed(
+    let agent = start_agent_programmed(
+        "churn",
+        &AgentConfig::new(REPORT_NS),
         &client,
-        REPORT_NS,
+        &dir,
         &[ObjectRef::new(ns, "nsg1")],
-        &[],
-        &agent,
     )
     .await;
     let full = |m: &str| metric(m, "kube_nsg_agent_syncs_total{kind=\"full\"}").unwrap_or(0.0);
@@ -652,8 +649,7 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
         ips: vec!["10.244.99.9".parse::<IpAddr>().unwrap()],
         node_name: Some("other-node".into()),
     });
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches("after the drift repair", &report, &inventory, &agent);
+    probe_matches("after the drift repair", &lab, &inventory, &spec(), &agent).await;
     let m = agent.metrics().await;
     assert!(
         metric(&m, "kube_nsg_agent_drift_repairs_total").unwrap_or(0.0) >= 1.0,
@@ -751,11 +747,9 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let mut cfg = AgentConfig::new(REPORT_NS);
     cfg.kubeconfig = relay.kubeconfig();
     cfg.resync = "1s";
-    let mut agent = start_agent("offline", &cfg);
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
     let nsg = ObjectRef::new(ns, "nsg1");
-    wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    let mut agent =
+        start_agent_programmed("offline", &cfg, &client, &dir, std::slice::from_ref(&nsg)).await;
     let inventory = inventory(&lab, &files);
 
     // The node loses the API server. Resyncs and drift checks keep running on the cached
@@ -766,13 +760,14 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let edited = without_rule(&dir, "Deny-Database-All");
     apply_groups(&edited);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches(
+    probe_matches(
         "while the API server is unreachable",
-        &report,
+        &lab,
         &inventory,
+        &spec(),
         &agent,
-    );
+    )
+    .await;
     assert_eq!(
         agent.http_get("/readyz").await.map(|r| r.0),
         Some(200),
@@ -794,21 +789,28 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let mut agent = start_agent("offline-restarted", &cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(agent.http_get("/readyz").await.map(|r| r.0), Some(503));
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches(
+    probe_matches(
         "a new agent without the API server",
-        &report,
+        &lab,
         &inventory,
+        &spec(),
         &agent,
-    );
+    )
+    .await;
 
     // Back: the agent catches up with the change it missed.
     let _relay = ApiRelay::start(port).await;
     agent.wait_ready(Duration::from_secs(30)).await;
     wait_programmed(&client, REPORT_NS, &[nsg], &[], &agent).await;
     let caught_up = agent_support::inventory(&lab, std::slice::from_ref(&edited));
-    let report = lab.probe(&caught_up, &spec()).await.unwrap();
-    assert_no_mismatches("after the API server is back", &report, &caught_up, &agent);
+    probe_matches(
+        "after the API server is back",
+        &lab,
+        &caught_up,
+        &spec(),
+        &agent,
+    )
+    .await;
     drop(agent);
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
@@ -824,22 +826,18 @@ async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
     let _table = TableGuard;
-    let mut agent = start_agent("cleanup", &AgentConfig::new(REPORT_NS));
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
-    wait_programmed(
+    let mut agent = start_agent_programmed(
+        "cleanup",
+        &AgentConfig::new(REPORT_NS),
         &client,
-        REPORT_NS,
+        &dir,
         &[ObjectRef::new(ns, "nsg1")],
-        &[],
-        &agent,
     )
     .await;
     assert_eq!(agent.stop(), Some(0));
     // Stopped: the table still enforces the groups.
     let inventory = inventory(&lab, &files);
-    let report = lab.probe(&inventory, &spec()).await.unwrap();
-    assert_no_mismatches("after SIGTERM", &report, &inventory, &agent);
+    probe_matches("after SIGTERM", &lab, &inventory, &spec(), &agent).await;
 
     let cleanup = || {
         std::process::Command::new(BIN)
@@ -874,8 +872,7 @@ async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     );
     let mut open = inventory.clone();
     open.nsgs.clear();
-    let report = lab.probe(&open, &spec()).await.unwrap();
-    assert_no_mismatches("after --cleanup", &report, &open, &agent);
+    probe_matches("after --cleanup", &lab, &open, &spec(), &agent).await;
     lab.down().await.expect("lab down");
     delete_namespaces(&[ns]);
 }
@@ -977,11 +974,15 @@ async fn deleting_the_agents_daemonset_removes_the_table_a_restart_does_not() {
         ("POD_NAME".into(), "kube-nsg-agent-x1".into()),
         ("POD_NAMESPACE".into(), ns.into()),
     ];
-    let mut agent = start_agent("uninstall-1", &cfg);
-    agent.wait_ready(Duration::from_secs(30)).await;
-    apply_groups(&dir);
     let nsg = ObjectRef::new(ns, "nsg1");
-    wait_programmed(&client, REPORT_NS, std::slice::from_ref(&nsg), &[], &agent).await;
+    let mut agent = start_agent_programmed(
+        "uninstall-1",
+        &cfg,
+        &client,
+        &dir,
+        std::slice::from_ref(&nsg),
+    )
+    .await;
     // Stopped while its DaemonSet exists: a restart, the table stays.
     assert_eq!(agent.stop(), Some(0));
     assert!(table_exists(), "{}", agent.log_tail(10));
@@ -1003,8 +1004,7 @@ async fn deleting_the_agents_daemonset_removes_the_table_a_restart_does_not() {
     );
     let mut open = agent_support::inventory(&lab, &files);
     open.nsgs.clear();
-    let report = lab.probe(&open, &spec()).await.unwrap();
-    assert_no_mismatches("after the uninstall", &report, &open, &agent);
+    probe_matches("after the uninstall", &lab, &open, &spec(), &agent).await;
     let _ = std::process::Command::new("kubectl")
         .args([
             "delete",

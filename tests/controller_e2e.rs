@@ -546,6 +546,15 @@ fn web_db_namespace(prefix: &str) -> TestNamespace {
     ns
 }
 
+/// Waits until the group `main` of `ns` is Ready and its NetworkPolicies exist; returns them.
+fn wait_main_policies(ns: &str) -> BTreeMap<String, Value> {
+    eventually("main Ready", T, || nsg_ready(ns, "main"));
+    eventually("policies", T, || {
+        let p = policies(ns);
+        (!p.is_empty()).then_some(p)
+    })
+}
+
 #[test]
 fn policies_are_restored_after_hand_edits_and_collected_with_their_group() {
     cluster();
@@ -553,11 +562,7 @@ fn policies_are_restored_after_hand_edits_and_collected_with_their_group() {
     let ns = web_db_namespace("restore");
     let n = ns.name.as_str();
     let ctl = Controller::start("restore", &[]);
-    eventually("main Ready", T, || nsg_ready(n, "main"));
-    let before = eventually("policies", T, || {
-        let p = policies(n);
-        (!p.is_empty()).then_some(p)
-    });
+    let before = wait_main_policies(n);
     let (name, original) = before.iter().next().unwrap();
     let spec = |np: &Value| kube_nsg::controller::policy::normalize_spec(&np["spec"]);
 
@@ -837,11 +842,7 @@ fn an_invalid_update_keeps_the_last_valid_generation_in_force() {
     let ns = web_db_namespace("lastvalid");
     let n = ns.name.as_str();
     let _ctl = Controller::start("lastvalid", &[]);
-    eventually("main Ready", T, || nsg_ready(n, "main"));
-    let before = eventually("policies", T, || {
-        let p = policies(n);
-        (!p.is_empty()).then_some(p)
-    });
+    let before = wait_main_policies(n);
     let valid: kube_nsg::api::NetworkSecurityGroup =
         serde_json::from_value(get_json(&["nsg", "main", "-n", n]).unwrap()).unwrap();
     let valid = kube_nsg::model::Nsg::try_from(&valid).unwrap();

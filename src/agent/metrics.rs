@@ -1,4 +1,5 @@
-//! The agent's Prometheus metrics and its `/metrics`, `/livez` and `/readyz` server.
+//! The agent's Prometheus metrics, and what its `/metrics` and `/readyz` answer (served by
+//! [`crate::daemon::serve`]).
 //!
 //! | metric | type | meaning |
 //! |---|---|---|
@@ -14,26 +15,19 @@
 //! | `kube_nsg_agent_cached_objects{kind}` | gauge | objects in the agent's in-memory view |
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
 
 use super::dataplane::HitKey;
 use crate::controller::cache::WatchMetrics;
+use crate::daemon::Probes;
 use crate::nft::Applied;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,47 +209,19 @@ impl WatchMetrics for AgentMetrics {
     }
 }
 
-async fn metrics(State(m): State<Arc<AgentMetrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
-}
-
-async fn livez() -> &'static str {
-    "ok"
-}
-
 /// Ready once the first sync has programmed the table from complete caches.
-async fn readyz(State(m): State<Arc<AgentMetrics>>) -> impl IntoResponse {
-    if m.is_ready() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "first sync not done")
+impl Probes for AgentMetrics {
+    fn metrics(&self) -> String {
+        self.encode()
     }
-}
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<AgentMetrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(self::metrics))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err("first sync not done")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -38,14 +38,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use ipnet::IpNet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::controller::{LogFormat, init_tracing, parse_duration, shutdown_signal};
+use crate::daemon::{self, DaemonArgs, init_tracing, parse_duration, shutdown_signal};
 use crate::model::{Inventory, ObjectRef};
 use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand};
 use crate::resolve::Resolved;
@@ -72,22 +71,11 @@ pub struct AgentArgs {
     /// spec.nodeName through the downward API).
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
     pub node_name: Option<String>,
-    /// Address ranges of the cluster that belong to the VirtualNetwork service tag and cannot
-    /// be discovered: the pod and service CIDRs (node IPs, node pod CIDRs and pod IPs are
-    /// discovered). Comma-separated or repeated; the same as the controller's.
-    #[arg(
-        long = "virtual-network",
-        value_name = "CIDR",
-        value_delimiter = ',',
-        env = "KUBE_NSG_VIRTUAL_NETWORK"
-    )]
-    pub virtual_network: Vec<IpNet>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     /// Where to serve /metrics, /livez and /readyz.
     #[arg(long, default_value = "0.0.0.0:9190", env = "KUBE_NSG_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
-    /// Log format: plain text or one JSON object per line. Filter with RUST_LOG.
-    #[arg(long, value_enum, default_value = "plain", env = "KUBE_NSG_LOG_FORMAT")]
-    pub log_format: LogFormat,
     /// Sync this often even without changes, and repair a table someone else changed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
@@ -149,11 +137,7 @@ pub enum Error {
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the agent is
 /// I/O-bound, its CPU work (compiling) runs on blocking threads.
 pub fn run_blocking(args: AgentArgs) -> Result<(), Error> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?
-        .block_on(run(args))
+    daemon::block_on(run(args)).map_err(Error::Runtime)?
 }
 
 /// `--cleanup`: removes the table (idempotent) and, best effort, the node's Lease.
@@ -182,14 +166,15 @@ pub async fn cleanup(args: &AgentArgs) -> Result<(), Error> {
 
 /// Runs the agent until SIGTERM or Ctrl-C (or does `--cleanup`).
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
-    init_tracing(args.log_format);
+    init_tracing(args.daemon.log_format);
     if args.cleanup {
         return cleanup(&args).await;
     }
     let node = args.node_name.clone().expect("clap requires --node-name");
     let client = Client::try_default().await.map_err(Error::Client)?;
     let metrics = Arc::new(metrics::AgentMetrics::new());
-    let listener = metrics::bind(args.metrics_addr)
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = daemon::spawn_server(args.metrics_addr, metrics.clone(), shutdown_rx.clone())
         .await
         .map_err(|source| Error::Metrics {
             addr: args.metrics_addr,
@@ -197,16 +182,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         })?;
     info!(node = %node, addr = %args.metrics_addr, "kube-nsg agent starting");
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let server = tokio::spawn(metrics::serve(
-        listener,
-        metrics.clone(),
-        wait_shutdown(shutdown_rx.clone()),
-    ));
-    let source = inputs::CacheSource::start(&client, &metrics, args.virtual_network.clone());
+    let source = inputs::CacheSource::start(&client, &metrics, args.daemon.virtual_network.clone());
     let nft: Arc<dyn Nft + Send + Sync> = Arc::new(NftCommand::default());
     let agent = Agent::new(node.clone(), nft, args.compile_options(), metrics.clone());
     let reporter = tokio::spawn(report_loop(

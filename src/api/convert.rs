@@ -322,9 +322,11 @@ impl TryFrom<&ApiServiceTag> for ServiceTag {
     }
 }
 
-/// A pod as the model sees it: `None` for host-network pods (their address is the node's,
-/// and their traffic never crosses a pod interface) and pods without an IP yet.
-pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
+/// The addresses of a pod that takes part in the model: `None` for host-network pods (their
+/// address is the node's, and their traffic never crosses a pod interface) and pods that
+/// finished (Succeeded or Failed; their IP may be reused). `status.podIPs`, else
+/// `status.podIP`; empty while the pod has none.
+pub fn pod_ips(pod: &ApiPod) -> Option<Vec<IpAddr>> {
     if pod
         .spec
         .as_ref()
@@ -333,24 +335,33 @@ pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
     {
         return None;
     }
-    let status = pod.status.as_ref()?;
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
     let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
         .flatten()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
     if ips.is_empty() {
         ips.extend(
             status
-                .pod_ip
-                .as_deref()
+                .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|ip| ip.parse::<IpAddr>().ok()),
         );
     }
-    if ips.is_empty() || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return None;
-    }
+    Some(ips)
+}
+
+/// A pod as the model sees it: `None` for the pods [`pod_ips`] leaves out and pods without
+/// an IP yet.
+pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
+    let ips = pod_ips(pod).filter(|ips| !ips.is_empty())?;
     Some(Pod {
         id: ObjectRef::new(namespace_of(pod), pod.name_any()),
         labels: pod.labels().clone(),
@@ -369,5 +380,46 @@ pub fn namespace_from_api(ns: &ApiNamespace) -> Namespace {
     Namespace {
         name: ns.name_any(),
         labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: serde_json::Value, status: serde_json::Value) -> ApiPod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "a", "name": "p"},
+            "spec": spec,
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_ips_leave_out_host_network_and_finished_pods() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let both = serde_json::json!({"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]});
+        assert_eq!(
+            pod_ips(&pod(serde_json::json!({}), both.clone())),
+            Some(vec![ip("10.0.0.1"), ip("fd00::1")])
+        );
+        let only_pod_ip = serde_json::json!({"podIP": "10.0.0.2"});
+        assert_eq!(
+            pod_ips(&pod(serde_json::json!({}), only_pod_ip)),
+            Some(vec![ip("10.0.0.2")])
+        );
+        let pending = pod(
+            serde_json::json!({}),
+            serde_json::json!({"phase": "Pending"}),
+        );
+        assert_eq!(pod_ips(&pending), Some(vec![]));
+        assert!(pod_from_api(&pending).is_none());
+        let host = pod(serde_json::json!({"hostNetwork": true}), both.clone());
+        assert_eq!(pod_ips(&host), None);
+        let mut done = pod(serde_json::json!({}), both);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert_eq!(pod_ips(&done), None);
+        assert!(pod_from_api(&done).is_none());
     }
 }

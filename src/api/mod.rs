@@ -4,7 +4,7 @@
 mod convert;
 mod types;
 
-pub use convert::{namespace_from_api, pod_from_api};
+pub use convert::{namespace_from_api, pod_from_api, pod_ips};
 pub use types::*;
 
 use kube::CustomResourceExt;

@@ -30,7 +30,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use super::digest::{self, Digest};
 use super::policy::ObservedPolicy;
 use super::status::owned_nsg_status;
-use crate::api::{ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api};
+use crate::api::{
+    ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api, pod_ips,
+};
 use crate::model::{ASG_ANNOTATION, Namespace};
 use crate::model::{Nsg, ValidationErrors};
 
@@ -93,37 +95,11 @@ pub struct PodEntry {
 }
 
 impl PodEntry {
-    /// `None` for the pods the controller ignores: host-network pods (their address is the
-    /// node's) and pods that finished (Succeeded or Failed; their IP may be reused).
+    /// `None` for the pods the controller ignores ([`pod_ips`]): host-network pods (their
+    /// address is the node's) and pods that finished (Succeeded or Failed; their IP may be
+    /// reused). A pod without an IP yet is kept.
     pub fn from_api(pod: &ApiPod) -> Option<PodEntry> {
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            return None;
-        }
-        let status = pod.status.as_ref();
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ) {
-            return None;
-        }
-        let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.ip.parse().ok())
-            .collect();
-        if ips.is_empty() {
-            ips.extend(
-                status
-                    .and_then(|s| s.pod_ip.as_deref())
-                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
-            );
-        }
+        let ips = pod_ips(pod)?;
         Some(PodEntry {
             namespace: pod.namespace().unwrap_or_default(),
             name: pod.name_any(),

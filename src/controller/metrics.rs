@@ -1,4 +1,5 @@
-//! Prometheus metrics and the small HTTP server for `/metrics`, `/livez` and `/readyz`.
+//! The controller's Prometheus metrics, and what its `/metrics` and `/readyz` answer (served
+//! by [`crate::daemon::serve`]).
 //!
 //! | metric | type | meaning |
 //! |---|---|---|
@@ -13,24 +14,18 @@
 //! | `kube_nsg_managed_objects{kind}` | gauge | objects the controller manages: `networkpolicies`, `labelled_pods`, `networksecuritygroups`, `applicationsecuritygroups`, `servicetags` |
 //! | `kube_nsg_leader` | gauge | 1 while this replica holds the Lease |
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
 
 use super::cache::Caches;
+use crate::daemon::Probes;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
@@ -194,55 +189,25 @@ impl Metrics {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    metrics: Arc<Metrics>,
-    caches: Arc<Caches>,
-}
-
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-}
-
-async fn livez() -> &'static str {
-    "ok"
+/// What the controller's `/metrics` and `/readyz` answer.
+pub struct ControllerProbes {
+    pub metrics: Arc<Metrics>,
+    pub caches: Arc<Caches>,
 }
 
 /// Ready once every cache has completed its first list, on the leader and on followers alike.
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.caches.synced() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+impl Probes for ControllerProbes {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
     }
-}
 
-/// Binds the listener (so a busy address fails the start, not a background task).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    caches: Arc<Caches>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(self::metrics))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, caches });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.caches.synced() {
+            Ok(())
+        } else {
+            Err("caches not synced")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -86,53 +86,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use ipnet::IpNet;
 use kube::Client;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::daemon::{self, DaemonArgs, shutdown_signal};
+pub use crate::daemon::{LogFormat, init_tracing, parse_duration};
 pub use compile::Mode;
 pub use inventory::{LiveInventory, inventory_from_cluster, scoped_inventory_from_cluster};
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 5m or 1h"))?;
-    let seconds = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
 
 /// Arguments of `kube-nsg controller`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerArgs {
-    /// Address ranges of the cluster that belong to the VirtualNetwork service tag and cannot
-    /// be discovered: the pod and service CIDRs (node IPs, node pod CIDRs and pod IPs are
-    /// discovered). Comma-separated or repeated.
-    #[arg(
-        long = "virtual-network",
-        value_name = "CIDR",
-        value_delimiter = ',',
-        env = "KUBE_NSG_VIRTUAL_NETWORK"
-    )]
-    pub virtual_network: Vec<IpNet>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     /// What NetworkPolicies do with rules they cannot express exactly: `strict` never allows
     /// more than the NSG, `permissive` never denies what it allows (the node agent then
     /// enforces the exact semantics).
@@ -163,9 +130,6 @@ pub struct ControllerArgs {
     /// Time between leader-election rounds.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
-    /// Log format: plain text or one JSON object per line. Filter with RUST_LOG.
-    #[arg(long, value_enum, default_value = "plain", env = "KUBE_NSG_LOG_FORMAT")]
-    pub log_format: LogFormat,
     /// Run a full pass this often even without changes (drift repair).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub resync_interval: Duration,
@@ -207,49 +171,16 @@ pub enum Error {
     LeaseTiming { renew: Duration, lease: Duration },
 }
 
-/// Sets up logging; a no-op when a subscriber is already installed (by the CLI).
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Plain => builder.try_init(),
-    };
-}
-
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await;
-}
-
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the controller is
 /// I/O-bound (its CPU work, a compile, takes tens to hundreds of milliseconds per change), and
 /// one thread means one allocator heap, which at 2,000 pods halves the resident memory.
 pub fn run_blocking(args: ControllerArgs) -> Result<(), Error> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?
-        .block_on(run(args))
+    daemon::block_on(run(args)).map_err(Error::Runtime)?
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
-    init_tracing(args.log_format);
+    init_tracing(args.daemon.log_format);
     if !args.no_leader_election && args.renew_deadline >= args.lease_duration {
         return Err(Error::LeaseTiming {
             renew: args.renew_deadline,
@@ -264,7 +195,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let caches = Arc::new(cache::Caches::default());
 
-    let listener = metrics::bind(args.metrics_addr)
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let probes = metrics::ControllerProbes {
+        metrics: metrics.clone(),
+        caches: caches.clone(),
+    };
+    let server = daemon::spawn_server(args.metrics_addr, Arc::new(probes), shutdown_rx.clone())
         .await
         .map_err(|source| Error::Metrics {
             addr: args.metrics_addr,
@@ -272,19 +208,6 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         })?;
     info!(addr = %args.metrics_addr, identity = %identity, mode = ?args.mode, "kube-nsg controller starting");
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = {
-        let mut rx = shutdown_rx.clone();
-        let wait = async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            caches.clone(),
-            wait,
-        ))
-    };
     let watches = caches.spawn_watches(&client, &metrics);
 
     let (leader_tx, leader_rx) = watch::channel(args.no_leader_election);
@@ -316,7 +239,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
 
     let settings = reconcile::Settings {
         mode: args.mode,
-        virtual_network: args.virtual_network.clone(),
+        virtual_network: args.daemon.virtual_network.clone(),
         concurrency: args.write_concurrency.max(1),
         identity,
         scope: args.namespace_selector.clone(),
@@ -414,7 +337,8 @@ mod tests {
             "--debounce",
             "50ms",
         ]);
-        assert_eq!(cli.args.virtual_network.len(), 2);
+        assert_eq!(cli.args.daemon.virtual_network.len(), 2);
+        assert_eq!(cli.args.daemon.log_format, LogFormat::Json);
         assert_eq!(cli.args.mode, Mode::Permissive);
         assert_eq!(cli.args.resync_interval, Duration::from_secs(30));
         assert_eq!(cli.args.debounce, Duration::from_millis(50));

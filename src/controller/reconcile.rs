@@ -99,6 +99,25 @@ pub struct PassReport {
     pub aborted: bool,
 }
 
+impl PassReport {
+    /// Counts one write of an object: `Ok(n)` made `n` requests, an error one. A write that
+    /// lost the leadership aborts the pass; one whose object is gone needs no retry. Returns
+    /// the error of a write that failed, for the caller to report.
+    fn count(&mut self, result: Result<usize, WriteError>) -> Option<WriteError> {
+        match result {
+            Ok(writes) => self.writes += writes,
+            Err(WriteError::NotLeader) => self.aborted = true,
+            Err(e) if e.not_found() => self.writes += 1,
+            Err(e) => {
+                self.writes += 1;
+                self.failures += 1;
+                return Some(e);
+            }
+        }
+        None
+    }
+}
+
 pub struct Reconciler {
     client: Client,
     caches: Arc<Caches>,
@@ -253,20 +272,13 @@ impl Reconciler {
         .collect()
         .await;
         for (owner, p, result) in results {
-            match result {
-                Ok(writes) => report.writes += writes,
-                Err(WriteError::NotLeader) => report.aborted = true,
-                Err(e) if e.not_found() => report.writes += 1,
-                Err(e) => {
-                    report.writes += 1;
-                    report.failures += 1;
-                    warn!(policy = %format!("{}/{}", p.namespace, p.name), error = %e, "applying NetworkPolicy failed");
-                    if !matches!(programmed[owner], Programmed::NotOwned(_)) {
-                        programmed[owner] = Programmed::Failed(format!(
-                            "applying NetworkPolicy {}/{}: {e}",
-                            p.namespace, p.name
-                        ));
-                    }
+            if let Some(e) = report.count(result) {
+                warn!(policy = %format!("{}/{}", p.namespace, p.name), error = %e, "applying NetworkPolicy failed");
+                if !matches!(programmed[owner], Programmed::NotOwned(_)) {
+                    programmed[owner] = Programmed::Failed(format!(
+                        "applying NetworkPolicy {}/{}: {e}",
+                        p.namespace, p.name
+                    ));
                 }
             }
         }
@@ -312,15 +324,8 @@ impl Reconciler {
             .collect()
             .await;
         for (entry, result) in results {
-            match result {
-                Ok(writes) => report.writes += writes,
-                Err(WriteError::NotLeader) => report.aborted = true,
-                Err(e) if e.not_found() => report.writes += 1,
-                Err(e) => {
-                    report.writes += 1;
-                    report.failures += 1;
-                    warn!(pod = %format!("{}/{}", entry.namespace, entry.name), error = %e, "labelling pod failed");
-                }
+            if let Some(e) = report.count(result) {
+                warn!(pod = %format!("{}/{}", entry.namespace, entry.name), error = %e, "labelling pod failed");
             }
         }
         if report.aborted {
@@ -359,19 +364,10 @@ impl Reconciler {
         .collect()
         .await;
         for (owner, result, np) in results {
-            match result {
-                Ok(()) => report.writes += 1,
-                Err(WriteError::NotLeader) => report.aborted = true,
-                Err(e) if e.not_found() => report.writes += 1,
-                Err(e) => {
-                    report.writes += 1;
-                    report.failures += 1;
-                    warn!(policy = %np.name, error = %e, "deleting stale NetworkPolicy failed");
-                    programmed[owner] = Programmed::Failed(format!(
-                        "deleting stale NetworkPolicy {}: {e}",
-                        np.name
-                    ));
-                }
+            if let Some(e) = report.count(result.map(|()| 1)) {
+                warn!(policy = %np.name, error = %e, "deleting stale NetworkPolicy failed");
+                programmed[owner] =
+                    Programmed::Failed(format!("deleting stale NetworkPolicy {}: {e}", np.name));
             }
         }
         if report.aborted {

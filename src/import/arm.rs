@@ -311,7 +311,9 @@ enum Val<'a> {
     Raw(&'a Value, ScopeId),
 }
 
-fn get_ci<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
+/// `map[key]`, else the first entry whose key equals `key` ignoring ASCII case (ARM and
+/// Azure's JSON names are case-insensitive).
+pub fn get_ci<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
     map.get(key).or_else(|| {
         map.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(key))
@@ -319,7 +321,8 @@ fn get_ci<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
     })
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for messages: "a string", "an array"...
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

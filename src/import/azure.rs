@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use super::arm::{self, Expr, ScopeId, Scopes, Trace};
+use super::arm::{self, Expr, ScopeId, Scopes, Trace, get_ci, type_name};
 use super::names;
 use super::{Import, ImportError, ImportIssue, ImportStats, IssueKind};
 use crate::api::{
@@ -28,25 +28,6 @@ pub const AZURE_NAME_ANNOTATION: &str = "kubensg.io/azure-name";
 pub const AZURE_ID_ANNOTATION: &str = "kubensg.io/azure-id";
 /// The group that takes rules whose group the file does not name.
 const DEFAULT_NSG_NAME: &str = "imported-nsg";
-
-fn get_ci<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
-    map.get(key).or_else(|| {
-        map.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
 
 /// The resource type, lower case, when it is a literal.
 fn type_of(m: &Map<String, Value>) -> Option<String> {
@@ -369,6 +350,14 @@ impl<'c, 'a> RuleReader<'c, 'a> {
         self.problems.push((field.to_string(), message.into()));
     }
 
+    /// A problem: `field` holds a value of another type than `expected` ("a string").
+    fn wrong_type(&mut self, field: &str, expected: &str, found: &Value) {
+        self.problem(
+            field,
+            format!("expected {expected}, found {}", type_name(found)),
+        );
+    }
+
     fn note(&mut self, kind: IssueKind, field: &str, message: impl Into<String>) {
         self.notes.push((kind, field.to_string(), message.into()));
     }
@@ -512,10 +501,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
                 }
             },
             Ok(Some(other)) => {
-                self.problem(
-                    "priority",
-                    format!("expected a number, found {}", type_name(&other)),
-                );
+                self.wrong_type("priority", "a number", &other);
                 return None;
             }
         };
@@ -625,10 +611,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
             Ok(Some(Value::String(s))) if s.is_empty() => None,
             Ok(Some(Value::String(s))) => Some(s),
             Ok(Some(other)) => {
-                self.problem(
-                    &pf,
-                    format!("expected a string, found {}", type_name(&other)),
-                );
+                self.wrong_type(&pf, "a string", &other);
                 ok = false;
                 None
             }
@@ -650,10 +633,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
                                 .extend(inner.iter().filter_map(Value::as_str).map(str::to_string));
                         }
                         other => {
-                            self.problem(
-                                &format!("{pfs}[{i}]"),
-                                format!("expected a string, found {}", type_name(other)),
-                            );
+                            self.wrong_type(&format!("{pfs}[{i}]"), "a string", other);
                             ok = false;
                         }
                     }
@@ -677,10 +657,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
                 None
             }
             Ok(Some(other)) => {
-                self.problem(
-                    &pfs,
-                    format!("expected an array, found {}", type_name(&other)),
-                );
+                self.wrong_type(&pfs, "an array", &other);
                 ok = false;
                 None
             }
@@ -738,10 +715,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
             }
             Ok(Some(Value::Array(_)) | None) => None,
             Ok(Some(other)) => {
-                self.problem(
-                    &af,
-                    format!("expected an array, found {}", type_name(&other)),
-                );
+                self.wrong_type(&af, "an array", &other);
                 ok = false;
                 None
             }
@@ -861,10 +835,7 @@ impl<'c, 'a> RuleReader<'c, 'a> {
             Some(Value::Array(items)) if items.is_empty() => None,
             Some(Value::Array(items)) => Some(items),
             Some(other) => {
-                self.problem(
-                    &plural,
-                    format!("expected an array, found {}", type_name(&other)),
-                );
+                self.wrong_type(&plural, "an array", &other);
                 return None;
             }
             None => None,
@@ -1028,10 +999,7 @@ fn read_rule<'a>(
         None => match r.get_in(obj, "name") {
             Ok(Some(Value::String(s))) if !s.is_empty() => Some(s),
             Ok(Some(other)) if !other.is_string() => {
-                r.problem(
-                    "name",
-                    format!("expected a string, found {}", type_name(&other)),
-                );
+                r.wrong_type("name", "a string", &other);
                 None
             }
             Ok(_) => {

@@ -1102,23 +1102,7 @@ fn peer_atoms(
     let mut e = 0;
     let mut pos: u128 = 0;
     loop {
-        while e < events.len() && events[e].0 == pos {
-            let (_, starts, i) = events[e];
-            if starts {
-                *active.entry(i).or_default() += 1;
-            } else if let Some(c) = active.get_mut(&i) {
-                *c -= 1;
-                if *c == 0 {
-                    active.remove(&i);
-                }
-            }
-            e += 1;
-        }
-        let end = if e < events.len() {
-            events[e].0 - 1
-        } else {
-            fam.max()
-        };
+        let end = sweep_step(&events, &mut e, pos, fam.max(), &mut active);
         let mut class = Vec::new();
         for &i in active.keys() {
             class.push(i);
@@ -1233,6 +1217,38 @@ fn class_fn(
     }
 }
 
+/// One step of a sweep over sorted `(position, starts, rule)` events: applies the events at
+/// `pos` (those from `*e` on) to `active`, the rules covering the position with how many of
+/// their ranges do, and returns the end of the elementary interval that starts at `pos`:
+/// the position before the next event, else `max`.
+fn sweep_step<T>(
+    events: &[(T, bool, usize)],
+    e: &mut usize,
+    pos: T,
+    max: T,
+    active: &mut BTreeMap<usize, u32>,
+) -> T
+where
+    T: Copy + PartialEq + std::ops::Sub<Output = T> + From<u8>,
+{
+    while *e < events.len() && events[*e].0 == pos {
+        let (_, starts, i) = events[*e];
+        if starts {
+            *active.entry(i).or_default() += 1;
+        } else if let Some(c) = active.get_mut(&i) {
+            *c -= 1;
+            if *c == 0 {
+                active.remove(&i);
+            }
+        }
+        *e += 1;
+    }
+    match events.get(*e) {
+        Some(&(next, _, _)) => next - T::from(1),
+        None => max,
+    }
+}
+
 /// Sweeps `ranges` of each rule over 0..=65535: for every elementary interval, the rules
 /// (in order) whose ranges contain it.
 fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
@@ -1248,23 +1264,7 @@ fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
     let mut out = Vec::new();
     let (mut e, mut pos) = (0, 0u32);
     while pos <= 65535 {
-        while e < events.len() && events[e].0 == pos {
-            let (_, starts, i) = events[e];
-            if starts {
-                *active.entry(i).or_default() += 1;
-            } else if let Some(c) = active.get_mut(&i) {
-                *c -= 1;
-                if *c == 0 {
-                    active.remove(&i);
-                }
-            }
-            e += 1;
-        }
-        let end = if e < events.len() {
-            events[e].0 - 1
-        } else {
-            65535
-        };
+        let end = sweep_step(&events, &mut e, pos, 65535, &mut active);
         out.push(((pos as u16, end as u16), active.keys().copied().collect()));
         pos = end + 1;
     }

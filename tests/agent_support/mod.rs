@@ -18,7 +18,7 @@ use kube_nsg::agent::report::{NodeReport, lease_name};
 use kube_nsg::api::NetworkSecurityGroup;
 use kube_nsg::model::{Inventory, ObjectRef};
 
-use crate::lab::{self, Lab, ProbeReport};
+use crate::lab::{self, Lab, ProbeReport, ProbeSpec};
 
 pub const KUBECONFIG: &str = "/tmp/kube-nsg-cluster/kubeconfig";
 pub const NODE: &str = "lab-node";
@@ -397,6 +397,22 @@ impl AgentConfig {
     }
 }
 
+/// Starts an agent, waits until it is ready, applies the groups in `dir` and waits until the
+/// agent reports `nsgs` programmed.
+pub async fn start_agent_programmed(
+    name: &str,
+    cfg: &AgentConfig,
+    client: &Client,
+    dir: &Path,
+    nsgs: &[ObjectRef],
+) -> Proc {
+    let mut agent = start_agent(name, cfg);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    apply_groups(dir);
+    wait_programmed(client, &cfg.report_namespace, nsgs, &[], &agent).await;
+    agent
+}
+
 pub fn start_agent(name: &str, cfg: &AgentConfig) -> Proc {
     let port = free_port();
     let mut args: Vec<String> = [
@@ -615,6 +631,20 @@ pub fn nft_counters(inventory: &Inventory) -> String {
     } else {
         lines.concat()
     }
+}
+
+/// Probes `spec`'s flows in the lab and asserts they are what the reference evaluator says
+/// for `inventory` ([`assert_no_mismatches`]); returns the report for further checks.
+pub async fn probe_matches(
+    what: &str,
+    lab: &Lab,
+    inventory: &Inventory,
+    spec: &ProbeSpec,
+    agent: &Proc,
+) -> ProbeReport {
+    let report = lab.probe(inventory, spec).await.unwrap();
+    assert_no_mismatches(what, &report, inventory, agent);
+    report
 }
 
 /// Panics with the matrix, every mismatch (flow, the evaluator's deciding rules), the nft
