@@ -1,7 +1,11 @@
 //! From the resolved model to one node's table (see `super` for the layout).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+// foldhash (seeded per process) rather than SipHash: hashing the class keys here (rule-index
+// vectors, port boxes) was a quarter of compiling a large node.
+use foldhash::HashMap;
 
 use crate::model::{
     AddressPrefix, AsgRef, Direction, Endpoint, IntervalSet, IpSet, PortRange, Protocol,
@@ -770,9 +774,9 @@ impl Compiler<'_, '_> {
         let (_, d) = key;
         let stage = &self.stages[&key];
         let mut fns: Vec<ClassFn> = Vec::new();
-        let mut fn_ids: HashMap<ClassFn, usize> = HashMap::new();
-        let mut memo: HashMap<Vec<usize>, usize> = HashMap::new();
-        let mut broad_fns = HashMap::new();
+        let mut fn_ids: HashMap<ClassFn, usize> = HashMap::default();
+        let mut memo: HashMap<Vec<usize>, usize> = HashMap::default();
+        let mut broad_fns = HashMap::default();
         let mut id_of = |class: Vec<usize>| -> usize {
             if let Some(&id) = memo.get(&class) {
                 return id;
@@ -1080,40 +1084,58 @@ fn peer_atoms(
     prefixes_only: bool,
     stops: &BTreeSet<usize>,
 ) -> (Vec<(Span, usize)>, Vec<Vec<usize>>) {
-    let mut events: Vec<(u128, bool, usize)> = Vec::new(); // (position, starts, rule)
-    for &i in members {
-        let peer = if prefixes_only {
+    let peer = |i: usize| {
+        let set = if prefixes_only {
             &rules[i].peer_prefixes
         } else {
             &rules[i].peer
         };
-        for &(a, b) in family_set(peer, fam).ranges() {
+        family_set(set, fam).ranges()
+    };
+    // Sized up front: with pod addresses there are ~10^5 events per stage, and growing the
+    // vector step by step was a tenth of compiling.
+    let count = members.iter().map(|&i| 2 * peer(i).len()).sum();
+    let mut events: Vec<(u128, bool, usize)> = Vec::with_capacity(count); // (position, starts, rule)
+    for &i in members {
+        for &(a, b) in peer(i) {
             events.push((a, true, i));
             if b < fam.max() {
                 events.push((b + 1, false, i));
             }
         }
     }
-    events.sort_unstable();
+    // Looked up for every active rule of every interval: a table, not a set lookup.
+    let mut stop = vec![false; rules.len()];
+    for &i in stops {
+        stop[i] = is_total(&rules[i].rule);
+    }
+    // The order of the events at one position does not matter: all of them apply before
+    // the interval that starts there is classified.
+    events.sort_unstable_by_key(|&(position, _, _)| position);
     let mut active: BTreeMap<usize, u32> = BTreeMap::new();
     let mut out: Vec<(Span, usize)> = Vec::new();
     let mut classes: Vec<Vec<usize>> = Vec::new();
-    let mut index: HashMap<Vec<usize>, usize> = HashMap::new();
+    let mut index: HashMap<Vec<usize>, usize> = HashMap::default();
+    let mut class = Vec::new();
     let mut e = 0;
     let mut pos: u128 = 0;
     loop {
         let end = sweep_step(&events, &mut e, pos, fam.max(), &mut active);
-        let mut class = Vec::new();
+        class.clear();
         for &i in active.keys() {
             class.push(i);
-            if is_total(&rules[i].rule) && stops.contains(&i) {
+            if stop[i] {
                 break;
             }
         }
-        let c = *index.entry(class).or_insert_with_key(|class| {
-            classes.push(class.clone());
-            classes.len() - 1
-        });
+        let c = match index.get(class.as_slice()) {
+            Some(&c) => c,
+            None => {
+                classes.push(class.clone());
+                index.insert(class.clone(), classes.len() - 1);
+                classes.len() - 1
+            }
+        };
         match out.last_mut() {
             Some((span, last)) if *last == c => span.1 = end,
             _ => out.push(((pos, end), c)),
