@@ -1,7 +1,7 @@
 //! `nft -f` text from a `Ruleset`: the full definition, atomic replacement, element-only
 //! updates and removal. Deterministic: the same ruleset always gives the same bytes.
 
-use std::fmt::Write;
+use std::fmt::{self, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::ruleset::*;
@@ -189,7 +189,7 @@ fn render_set(out: &mut String, set: &Set) {
         out.push_str("\t\telements = {\n");
         for (i, e) in set.elements.iter().enumerate() {
             let sep = if i + 1 < set.elements.len() { "," } else { "" };
-            writeln!(out, "\t\t\t{}{sep}", element(e, &set.key)).unwrap();
+            writeln!(out, "\t\t\t{}{sep}", ElementText(e, &set.key)).unwrap();
         }
         out.push_str("\t\t}\n");
     }
@@ -299,14 +299,22 @@ fn list(items: impl Iterator<Item = String>) -> String {
     }
 }
 
-fn verdict(v: &Verdict) -> String {
-    match v {
-        Verdict::Accept => "accept".into(),
-        Verdict::Drop => "drop".into(),
-        Verdict::Return => "return".into(),
-        Verdict::Jump(c) => format!("jump {c}"),
-        Verdict::Goto(c) => format!("goto {c}"),
+struct VerdictText<'a>(&'a Verdict);
+
+impl fmt::Display for VerdictText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.0 {
+            Verdict::Accept => f.write_str("accept"),
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Jump(c) => write!(f, "jump {c}"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+        }
     }
+}
+
+fn verdict(v: &Verdict) -> String {
+    VerdictText(v).to_string()
 }
 
 fn field(f: Field) -> String {
@@ -352,48 +360,68 @@ fn icmpv6_type(t: u8) -> String {
     }
 }
 
-fn element(e: &Element, types: &[KeyType]) -> String {
-    let parts: Vec<String> = e
-        .key
-        .iter()
-        .zip(types)
-        .map(|(s, t)| key_part(*s, *t))
-        .collect();
-    match &e.verdict {
-        Some(v) => format!("{} : {}", parts.join(" . "), verdict(v)),
-        None => parts.join(" . "),
+/// An element as nft lists it: its key parts joined by ` . `, then ` : verdict` in a map.
+/// Written straight into the output: a large node's table has ~10^5 elements.
+struct ElementText<'a>(&'a Element, &'a [KeyType]);
+
+impl fmt::Display for ElementText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, (span, t)) in self.0.key.iter().zip(self.1).enumerate() {
+            if i > 0 {
+                f.write_str(" . ")?;
+            }
+            KeyPart(*span, *t).fmt(f)?;
+        }
+        match &self.0.verdict {
+            Some(v) => write!(f, " : {}", VerdictText(v)),
+            None => Ok(()),
+        }
     }
 }
 
+fn element(e: &Element, types: &[KeyType]) -> String {
+    ElementText(e, types).to_string()
+}
+
 /// An interval of one key part: a single value, a CIDR block when aligned, else `a-b`.
-fn key_part((a, b): Span, t: KeyType) -> String {
-    let addr = |v: u128| match t {
-        KeyType::Ipv4 => Ipv4Addr::from(v as u32).to_string(),
-        _ => Ipv6Addr::from(v).to_string(),
-    };
-    match t {
-        KeyType::Ipv4 | KeyType::Ipv6 => {
-            let bits = if t == KeyType::Ipv4 { 32 } else { 128 };
-            if a == b {
-                return addr(a);
-            }
-            let size = b.wrapping_sub(a).wrapping_add(1); // 0 = the whole IPv6 space
-            let aligned = size == 0 || (size.is_power_of_two() && a % size == 0);
-            if aligned {
-                let host = if size == 0 {
-                    128
+struct KeyPart(Span, KeyType);
+
+impl fmt::Display for KeyPart {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let KeyPart((a, b), t) = *self;
+        let addr = |f: &mut fmt::Formatter, v: u128| match t {
+            KeyType::Ipv4 => Ipv4Addr::from(v as u32).fmt(f),
+            _ => Ipv6Addr::from(v).fmt(f),
+        };
+        match t {
+            KeyType::Ipv4 | KeyType::Ipv6 => {
+                let bits = if t == KeyType::Ipv4 { 32 } else { 128 };
+                if a == b {
+                    return addr(f, a);
+                }
+                let size = b.wrapping_sub(a).wrapping_add(1); // 0 = the whole IPv6 space
+                addr(f, a)?;
+                if size == 0 || (size.is_power_of_two() && a % size == 0) {
+                    let host = if size == 0 {
+                        128
+                    } else {
+                        size.trailing_zeros()
+                    };
+                    write!(f, "/{}", bits - host)
                 } else {
-                    size.trailing_zeros()
-                };
-                format!("{}/{}", addr(a), bits - host)
-            } else {
-                format!("{}-{}", addr(a), addr(b))
+                    f.write_str("-")?;
+                    addr(f, b)
+                }
             }
+            KeyType::Proto if a == b => f.write_str(&proto_name(a as u8)),
+            KeyType::Proto | KeyType::Port if a == b => write!(f, "{a}"),
+            KeyType::Proto | KeyType::Port => write!(f, "{a}-{b}"),
         }
-        KeyType::Proto if a == b => proto_name(a as u8),
-        KeyType::Proto | KeyType::Port if a == b => a.to_string(),
-        KeyType::Proto | KeyType::Port => format!("{a}-{b}"),
     }
+}
+
+fn key_part(span: Span, t: KeyType) -> String {
+    KeyPart(span, t).to_string()
 }
 
 #[cfg(test)]
