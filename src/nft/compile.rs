@@ -890,32 +890,8 @@ impl Compiler<'_, '_> {
                 (&stage.base, &mut maps),
             ));
         }
-        for (sport, chunks) in [(false, maps.plain), (true, maps.sport)] {
-            for (n, mut elements) in chunks.into_iter().enumerate() {
-                elements.sort();
-                let (kind, what) = if sport {
-                    ("ports-sport", "destination and source ports")
-                } else {
-                    ("ports", "destination ports")
-                };
-                let name = format!("{}/{kind}/{n}", stage.base);
-                let mut key = vec![KeyType::Port, KeyType::Port];
-                if sport {
-                    key.push(KeyType::Port);
-                }
-                let text = format!("{}: {what} per peer class and protocol", stage.level_hint);
-                self.sets.insert(
-                    name.clone(),
-                    Set {
-                        name,
-                        key,
-                        is_map: true,
-                        interval: true,
-                        comment: Some(comment(&text)),
-                        elements,
-                    },
-                );
-            }
+        for set in maps.into_sets(&stage.base, &stage.level_hint) {
+            self.sets.insert(set.name.clone(), set);
         }
 
         // Stage chains: variants whose classification came out the same share one.
@@ -1357,12 +1333,17 @@ struct PortMaps {
 const PORT_MAP_SIZE: usize = 128;
 
 impl PortMaps {
+    fn name(base: &str, sport: bool, n: usize) -> String {
+        let kind = if sport { "ports-sport" } else { "ports" };
+        format!("{base}/{kind}/{n}")
+    }
+
     /// The map the next class and protocol go to: its name, elements and a new id.
     fn open(&mut self, base: &str, sport: bool) -> (String, &mut Vec<Element>, u16) {
-        let (kind, chunks) = if sport {
-            ("ports-sport", &mut self.sport)
+        let chunks = if sport {
+            &mut self.sport
         } else {
-            ("ports", &mut self.plain)
+            &mut self.plain
         };
         if chunks.last().is_none_or(|c| c.len() >= PORT_MAP_SIZE) {
             chunks.push(Vec::new());
@@ -1371,7 +1352,40 @@ impl PortMaps {
         let chunk = &mut chunks[n];
         // Elements are added in id order: the last one holds the highest id so far.
         let id = chunk.last().map_or(1, |e| e.key[0].0 as u16 + 1);
-        (format!("{base}/{kind}/{n}"), chunk, id)
+        (Self::name(base, sport, n), chunk, id)
+    }
+
+    /// The maps' declarations, elements sorted.
+    fn into_sets(self, base: &str, level_hint: &str) -> impl Iterator<Item = Set> {
+        [(false, self.plain), (true, self.sport)]
+            .into_iter()
+            .flat_map(move |(sport, chunks)| {
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(n, mut elements)| {
+                        elements.sort();
+                        let what = if sport {
+                            "destination and source ports"
+                        } else {
+                            "destination ports"
+                        };
+                        let mut key = vec![KeyType::Port, KeyType::Port];
+                        if sport {
+                            key.push(KeyType::Port);
+                        }
+                        Set {
+                            name: Self::name(base, sport, n),
+                            key,
+                            is_map: true,
+                            interval: true,
+                            comment: Some(comment(&format!(
+                                "{level_hint}: {what} per peer class and protocol"
+                            ))),
+                            elements,
+                        }
+                    })
+            })
     }
 }
 
