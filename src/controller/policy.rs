@@ -69,15 +69,21 @@ pub fn spec_digest(spec: &Value) -> Digest {
     digest::of_value(&normalize_spec(spec))
 }
 
-/// The object to server-side apply: the compiler's policy with the project's labels and a
-/// controller owner reference to its NSG (so deleting the NSG garbage-collects it).
-pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
+/// The labels a policy is applied with: the compiler's and the project's. The compiler
+/// shortens long names to fit a label value; its NSG label is kept when it set one.
+fn desired_labels(p: &DesiredPolicy) -> BTreeMap<String, String> {
     let mut labels = p.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    // The compiler shortens long names to fit a label value; keep its value when it set one.
     labels
         .entry(NSG_LABEL.into())
         .or_insert_with(|| p.nsg.clone());
+    labels
+}
+
+/// The object to server-side apply: the compiler's policy with the project's labels and a
+/// controller owner reference to its NSG (so deleting the NSG garbage-collects it).
+pub fn apply_object(p: &DesiredPolicy, owner_uid: &str) -> Value {
+    let labels = desired_labels(p);
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -166,11 +172,9 @@ fn subset(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String
 /// Whether `observed` already is what applying `desired` for the NSG `owner_uid` would make
 /// it: the same spec, our labels and annotations, and our owner reference.
 pub fn up_to_date(desired: &DesiredPolicy, owner_uid: &str, observed: &ObservedPolicy) -> bool {
-    let mut labels = desired.labels.clone();
-    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     desired.spec == observed.spec
         && observed.owner_uid.as_deref() == Some(owner_uid)
-        && subset(&labels, &observed.labels)
+        && subset(&desired_labels(desired), &observed.labels)
         && subset(&desired.annotations, &observed.annotations)
 }
 
