@@ -1,5 +1,5 @@
 //! The controller's Prometheus metrics, and what its `/metrics` and `/readyz` answer (served
-//! by [`crate::daemon::serve`]).
+//! by [`crate::daemon::spawn_server`]).
 //!
 //! | metric | type | meaning |
 //! |---|---|---|

@@ -90,8 +90,7 @@ use kube::Client;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::daemon::{self, DaemonArgs, shutdown_signal};
-pub use crate::daemon::{LogFormat, init_tracing, parse_duration};
+use crate::daemon::{self, DaemonArgs, init_tracing, parse_duration, shutdown_signal};
 pub use compile::Mode;
 pub use inventory::{LiveInventory, inventory_from_cluster, scoped_inventory_from_cluster};
 
@@ -338,7 +337,7 @@ mod tests {
             "50ms",
         ]);
         assert_eq!(cli.args.daemon.virtual_network.len(), 2);
-        assert_eq!(cli.args.daemon.log_format, LogFormat::Json);
+        assert_eq!(cli.args.daemon.log_format, daemon::LogFormat::Json);
         assert_eq!(cli.args.mode, Mode::Permissive);
         assert_eq!(cli.args.resync_interval, Duration::from_secs(30));
         assert_eq!(cli.args.debounce, Duration::from_millis(50));
