@@ -469,15 +469,8 @@ impl Reconciler {
         .collect()
         .await;
         for result in results {
-            match result {
-                (writes, Ok(())) => report.writes += writes,
-                (_, Err(WriteError::NotLeader)) => report.aborted = true,
-                (writes, Err(e)) if e.not_found() => report.writes += writes,
-                (writes, Err(e)) => {
-                    report.writes += writes;
-                    report.failures += 1;
-                    warn!(error = %e, "writing status failed");
-                }
+            if let Some(e) = report.count(result) {
+                warn!(error = %e, "writing status failed");
             }
         }
 
@@ -688,24 +681,14 @@ async fn write_status(
     ctx: &Ctx<'_>,
     recorder: &Recorder,
     w: StatusWrite,
-) -> (usize, Result<(), WriteError>) {
+) -> Result<usize, WriteError> {
     match w {
         StatusWrite::Nsg(obj, status, alerts) => {
-            if let Err(e) = ctx.write("networksecuritygroups/status", "apply") {
-                return (0, Err(e));
-            }
+            ctx.write("networksecuritygroups/status", "apply")?;
             let status = serde_json::to_value(&status).unwrap_or_default();
             let body = status_body::<NetworkSecurityGroup>(&obj.name, Some(&obj.uid), status);
-            let applied = apply_status::<NetworkSecurityGroup>(
-                ctx.client,
-                Some(&obj.namespace),
-                &obj.name,
-                body,
-            )
-            .await;
-            if let Err(e) = applied {
-                return (1, Err(e.into()));
-            }
+            apply_status::<NetworkSecurityGroup>(ctx.client, Some(&obj.namespace), &obj.name, body)
+                .await?;
             let mut writes = 1;
             let reference = obj.object_ref();
             for alert in alerts {
@@ -724,32 +707,28 @@ async fn write_status(
                     warn!(nsg = %obj.name, error = %e, "publishing an Event failed");
                 }
             }
-            (writes, Ok(()))
+            Ok(writes)
         }
         StatusWrite::Asg(obj, status) => {
-            if let Err(e) = ctx.write("applicationsecuritygroups/status", "apply") {
-                return (0, Err(e));
-            }
+            ctx.write("applicationsecuritygroups/status", "apply")?;
             let name = obj.name_any();
             let body =
                 status_body::<ApplicationSecurityGroup>(&name, obj.metadata.uid.as_deref(), status);
-            let r = apply_status::<ApplicationSecurityGroup>(
+            apply_status::<ApplicationSecurityGroup>(
                 ctx.client,
                 obj.metadata.namespace.as_deref(),
                 &name,
                 body,
             )
-            .await;
-            (1, r.map_err(Into::into))
+            .await?;
+            Ok(1)
         }
         StatusWrite::Tag(obj, status) => {
-            if let Err(e) = ctx.write("servicetags/status", "apply") {
-                return (0, Err(e));
-            }
+            ctx.write("servicetags/status", "apply")?;
             let name = obj.name_any();
             let body = status_body::<ServiceTag>(&name, obj.metadata.uid.as_deref(), status);
-            let r = apply_status::<ServiceTag>(ctx.client, None, &name, body).await;
-            (1, r.map_err(Into::into))
+            apply_status::<ServiceTag>(ctx.client, None, &name, body).await?;
+            Ok(1)
         }
     }
 }
