@@ -43,13 +43,35 @@ pub struct DaemonArgs {
     pub log_format: LogFormat,
 }
 
+/// Why the controller or the agent could not start; their own errors wrap it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the Tokio runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Runs `future` to completion on a new single-threaded Tokio runtime (I/O and timers
 /// enabled), for a synchronous `main`; an error if the runtime cannot start.
-pub fn block_on<T>(future: impl Future<Output = T>) -> std::io::Result<T> {
+pub fn block_on<T>(future: impl Future<Output = T>) -> Result<T, StartError> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
+        .build()
+        .map_err(StartError::Runtime)?
         .block_on(future))
+}
+
+/// A client from the kubeconfig or the pod's service account.
+pub async fn client() -> Result<kube::Client, StartError> {
+    kube::Client::try_default()
+        .await
+        .map_err(StartError::Client)
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -135,8 +157,10 @@ pub async fn spawn_server<P: Probes>(
     addr: SocketAddr,
     probes: Arc<P>,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
-    let listener = TcpListener::bind(addr).await?;
+) -> Result<JoinHandle<std::io::Result<()>>, StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Metrics { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics::<P>))
         .route("/livez", get(livez))

@@ -118,15 +118,8 @@ impl AgentArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot start the Tokio runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("cannot build a Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Start(#[from] daemon::StartError),
     #[error("cannot remove the nftables table {table}: {source}")]
     Cleanup {
         table: String,
@@ -137,7 +130,7 @@ pub enum Error {
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the agent is
 /// I/O-bound, its CPU work (compiling) runs on blocking threads.
 pub fn run_blocking(args: AgentArgs) -> Result<(), Error> {
-    daemon::block_on(run(args)).map_err(Error::Runtime)?
+    daemon::block_on(run(args))?
 }
 
 /// `--cleanup`: removes the table (idempotent) and, best effort, the node's Lease.
@@ -171,15 +164,11 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         return cleanup(&args).await;
     }
     let node = args.node_name.clone().expect("clap requires --node-name");
-    let client = Client::try_default().await.map_err(Error::Client)?;
+    let client = daemon::client().await?;
     let metrics = Arc::new(metrics::AgentMetrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = daemon::spawn_server(args.metrics_addr, metrics.clone(), shutdown_rx.clone())
-        .await
-        .map_err(|source| Error::Metrics {
-            addr: args.metrics_addr,
-            source,
-        })?;
+    let server =
+        daemon::spawn_server(args.metrics_addr, metrics.clone(), shutdown_rx.clone()).await?;
     info!(node = %node, addr = %args.metrics_addr, "kube-nsg agent starting");
 
     let source = inputs::CacheSource::start(&client, &metrics, args.daemon.virtual_network.clone());

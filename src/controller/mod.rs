@@ -86,7 +86,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use kube::Client;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -157,15 +156,8 @@ pub struct ControllerArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot start the Tokio runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("cannot build a Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Start(#[from] daemon::StartError),
     #[error("--renew-deadline ({renew:?}) must be shorter than --lease-duration ({lease:?})")]
     LeaseTiming { renew: Duration, lease: Duration },
 }
@@ -174,7 +166,7 @@ pub enum Error {
 /// I/O-bound (its CPU work, a compile, takes tens to hundreds of milliseconds per change), and
 /// one thread means one allocator heap, which at 2,000 pods halves the resident memory.
 pub fn run_blocking(args: ControllerArgs) -> Result<(), Error> {
-    daemon::block_on(run(args)).map_err(Error::Runtime)?
+    daemon::block_on(run(args))?
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
@@ -186,7 +178,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             lease: args.lease_duration,
         });
     }
-    let client = Client::try_default().await.map_err(Error::Client)?;
+    let client = daemon::client().await?;
     let identity = args
         .identity
         .clone()
@@ -199,12 +191,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         metrics: metrics.clone(),
         caches: caches.clone(),
     };
-    let server = daemon::spawn_server(args.metrics_addr, Arc::new(probes), shutdown_rx.clone())
-        .await
-        .map_err(|source| Error::Metrics {
-            addr: args.metrics_addr,
-            source,
-        })?;
+    let server =
+        daemon::spawn_server(args.metrics_addr, Arc::new(probes), shutdown_rx.clone()).await?;
     info!(addr = %args.metrics_addr, identity = %identity, mode = ?args.mode, "kube-nsg controller starting");
 
     let watches = caches.spawn_watches(&client, &metrics);
