@@ -176,8 +176,6 @@ fn all_ports(ranges: &[PortRange]) -> bool {
 type StageKey = (usize, Direction);
 /// Stage chains, class chains, and the stage chain of each variant.
 type MapStage = (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>);
-/// Source-port segments of one destination-port interval, each with its deciding rule.
-type Row = Vec<((u16, u16), usize)>;
 
 /// One group in one direction, as the compiler sees it.
 struct Stage {
@@ -1247,9 +1245,13 @@ where
     }
 }
 
-/// Sweeps `ranges` of each rule over 0..=65535: for every elementary interval, the rules
-/// (in order) whose ranges contain it.
-fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
+/// Sweeps `ranges` of each rule over 0..=65535: for every elementary interval, `decide`
+/// gets the rules (in order) whose ranges contain it; neighbours decided alike are merged.
+/// The rules are an iterator because the deciders read only the first few.
+fn sweep<R: PartialEq>(
+    items: &[(usize, &[PortRange])],
+    mut decide: impl FnMut(&mut dyn Iterator<Item = usize>) -> R,
+) -> Vec<((u16, u16), R)> {
     let mut events: Vec<(u32, bool, usize)> = Vec::new();
     for &(i, ranges) in items {
         for r in ranges {
@@ -1259,11 +1261,15 @@ fn sweep(items: &[(usize, &[PortRange])]) -> Vec<((u16, u16), Vec<usize>)> {
     }
     events.sort_unstable();
     let mut active: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut out = Vec::new();
+    let mut out: Vec<((u16, u16), R)> = Vec::new();
     let (mut e, mut pos) = (0, 0u32);
     while pos <= 65535 {
         let end = sweep_step(&events, &mut e, pos, 65535, &mut active);
-        out.push(((pos as u16, end as u16), active.keys().copied().collect()));
+        let r = decide(&mut active.keys().copied());
+        match out.last_mut() {
+            Some((span, last)) if *last == r => span.1 = end as u16,
+            _ => out.push(((pos as u16, end as u16), r)),
+        }
         pos = end + 1;
     }
     out
@@ -1276,40 +1282,28 @@ fn port_boxes(rules: &[StageRule], class: &[usize], p: Protocol) -> Vec<PortBox>
         .filter(|&&i| rules[i].rule.protocol.covers(p))
         .map(|&i| (i, rules[i].rule.destination_ports.as_slice()))
         .collect();
-    let mut rows: Vec<((u16, u16), Row)> = Vec::new();
-    for (dspan, active) in sweep(&cands) {
+    // Per destination-port interval, the source-port intervals and their deciding rules.
+    let rows = sweep(&cands, |active| {
         // The rules that can decide here: up to the first without a source-port restriction.
         let mut prefix = Vec::new();
-        for &i in &active {
+        for i in active {
             prefix.push(i);
             if all_ports(&rules[i].rule.source_ports) {
                 break;
             }
         }
-        let row: Vec<((u16, u16), usize)> = if prefix.len() == 1 {
-            vec![((0, 65535), prefix[0])]
-        } else {
-            let items: Vec<(usize, &[PortRange])> = prefix
-                .iter()
-                .map(|&i| (i, rules[i].rule.source_ports.as_slice()))
-                .collect();
-            let mut row: Vec<((u16, u16), usize)> = Vec::new();
-            for (sspan, act) in sweep(&items) {
-                let r = *act
-                    .first()
-                    .expect("the last rule of a class takes every source port");
-                match row.last_mut() {
-                    Some((s, last)) if *last == r => s.1 = sspan.1,
-                    _ => row.push((sspan, r)),
-                }
-            }
-            row
-        };
-        match rows.last_mut() {
-            Some((d, last)) if *last == row => d.1 = dspan.1,
-            _ => rows.push((dspan, row)),
+        if prefix.len() == 1 {
+            return vec![((0, 65535), prefix[0])];
         }
-    }
+        let items: Vec<(usize, &[PortRange])> = prefix
+            .iter()
+            .map(|&i| (i, rules[i].rule.source_ports.as_slice()))
+            .collect();
+        sweep(&items, |act| {
+            act.next()
+                .expect("the last rule of a class takes every source port")
+        })
+    });
     rows.into_iter()
         .flat_map(|(dport, row)| {
             row.into_iter()
