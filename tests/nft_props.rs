@@ -5,6 +5,7 @@ mod common;
 mod nft_support;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kube_nsg::eval::{Packet, evaluate};
 use kube_nsg::model::{Access, Direction, Inventory, ObjectRef};
@@ -150,6 +151,42 @@ proptest! {
         let a = nft::render(&nft::compile(&res, None));
         let b = nft::render(&nft::compile(&Resolved::new(&inv.clone()), None));
         prop_assert_eq!(a, b);
+    }
+
+    /// A pod changing its memberships, labels or address, coming or going: brought into the
+    /// table by `update_peers` when it is another node's (elements only), refused when it is
+    /// the compiled node's; either way the table decides like the evaluator.
+    #[test]
+    fn peer_updates_agree_with_the_evaluator(
+        (inv, packet) in common::busy_case(),
+        away in prop::collection::vec(any::<bool>(), 8),
+        which in 0usize..8,
+        change in 0u8..5,
+        value in prop::sample::select(vec!["web", "db", "web,logic", "api"]),
+    ) {
+        let inv = spread(inv, &away);
+        let opts = CompileOptions::default();
+        let (table, mut index) = nft::compile_indexed(&Arc::new(inv.clone()), Some(NODE), &opts);
+        let mut changed = inv.clone();
+        let i = which % changed.pods.len();
+        let pod = &mut changed.pods[i];
+        let local = pod.node_name.as_deref() == Some(NODE);
+        match change {
+            0 => { pod.annotations.insert(kube_nsg::model::ASG_ANNOTATION.into(), value.into()); }
+            1 => { pod.annotations.clear(); }
+            2 => { pod.labels.insert("app".into(), value.into()); }
+            3 => { pod.ips = vec![if which % 2 == 0 { packet.src } else { packet.dst }]; }
+            _ => { changed.pods.remove(i); }
+        }
+        let res = Resolved::new(&changed);
+        match nft::update_peers(&table, &mut index, &Arc::new(changed.clone()), &opts) {
+            Some(updated) => {
+                prop_assert!(!local || changed == inv, "a change of the node's own pod needs a full compile");
+                prop_assert!(table.same_structure(&updated));
+                check(&updated, &res, &packet, &ALL_HOOKS)?;
+            }
+            None => check(&nft::compile(&res, Some(NODE)), &res, &packet, &ALL_HOOKS)?,
+        }
     }
 
     /// An element update, applied to the old table's elements, gives exactly the new table;

@@ -46,8 +46,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::daemon::{self, DaemonArgs, init_tracing, parse_duration, shutdown_signal};
 use crate::model::{Inventory, ObjectRef};
-use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand};
-use crate::resolve::Resolved;
+use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand, PeerIndex};
 
 pub use dataplane::{Dataplane, HitKey, SyncOutcome};
 pub use inputs::Source;
@@ -249,6 +248,8 @@ pub struct Agent {
     pub node: String,
     opts: Arc<CompileOptions>,
     pub dataplane: Arc<Mutex<Dataplane>>,
+    /// What the table last applied was compiled from, for updates of other nodes' pods.
+    peers: Arc<Mutex<Option<PeerIndex>>>,
     metrics: Arc<metrics::AgentMetrics>,
     /// The NSG generations the table last applied enforces.
     pub programmed: Arc<watch::Sender<Option<BTreeMap<ObjectRef, i64>>>>,
@@ -279,6 +280,7 @@ impl Agent {
             node,
             opts: Arc::new(opts),
             dataplane: Arc::new(Mutex::new(Dataplane::new(nft, table))),
+            peers: Arc::new(Mutex::new(None)),
             metrics,
             programmed: Arc::new(watch::channel(None).0),
             hits: Arc::new(watch::channel(BTreeMap::new()).0),
@@ -287,21 +289,50 @@ impl Agent {
     }
 
     /// Compiles `inv` for this node and brings the kernel to it (blocking: runs `nft`).
+    /// When only other nodes' pods changed, the table last applied is updated instead
+    /// (`nft::update_peers`: milliseconds, where a large node's compile takes most of a
+    /// second); a sync that checks for drift always compiles in full, which also drops the
+    /// chains of classes no pod has any more.
     pub fn sync_blocking(
         &self,
-        inv: &Inventory,
+        inv: impl Into<Arc<Inventory>>,
         check_drift: bool,
     ) -> Result<SyncOutcome, nft::NftError> {
-        let rs = nft::compile_with(&Resolved::new(inv), Some(&self.node), &self.opts);
-        self.dataplane
-            .lock()
-            .expect("dataplane lock")
-            .sync(rs, check_drift)
+        let inv = inv.into();
+        let mut dataplane = self.dataplane.lock().expect("dataplane lock");
+        let mut peers = self.peers.lock().expect("peers lock");
+        let updated = match (peers.as_mut(), dataplane.current()) {
+            (Some(index), Some(current)) if !check_drift => {
+                nft::update_peers(current, index, &inv, &self.opts)
+            }
+            _ => None,
+        };
+        let peer_update = updated.is_some();
+        let rs = updated.unwrap_or_else(|| {
+            let (rs, index) = nft::compile_indexed(&inv, Some(&self.node), &self.opts);
+            *peers = Some(index);
+            rs
+        });
+        let result = dataplane.sync(rs, check_drift);
+        match result {
+            Ok(outcome) => Ok(SyncOutcome {
+                peer_update,
+                ..outcome
+            }),
+            Err(e) => {
+                *peers = None; // the index describes a table the kernel does not have
+                Err(e)
+            }
+        }
     }
 
     /// One sync from the source's current view, on a blocking thread; updates the metrics
     /// and the programmed generations.
-    async fn sync_once(&self, inv: Inventory, check_drift: bool) -> Result<SyncOutcome, String> {
+    async fn sync_once(
+        &self,
+        inv: Arc<Inventory>,
+        check_drift: bool,
+    ) -> Result<SyncOutcome, String> {
         let start = Instant::now();
         let programmed: BTreeMap<ObjectRef, i64> = inv
             .nsgs
@@ -309,7 +340,7 @@ impl Agent {
             .map(|n| (n.id.clone(), n.generation.unwrap_or(0)))
             .collect();
         let this = self.clone();
-        let result = tokio::task::spawn_blocking(move || this.sync_blocking(&inv, check_drift))
+        let result = tokio::task::spawn_blocking(move || this.sync_blocking(inv, check_drift))
             .await
             .map_err(|e| format!("the sync task failed: {e}"))
             .and_then(|r| r.map_err(|e| e.to_string()));
@@ -323,7 +354,7 @@ impl Agent {
                     warn!("the table differed from what the agent applied; replaced it");
                 }
                 if outcome.applied != Applied::Unchanged {
-                    info!(applied = ?outcome.applied, nsgs = programmed.len(), ms = elapsed.as_secs_f64() * 1e3, "synced");
+                    info!(applied = ?outcome.applied, peer_update = outcome.peer_update, nsgs = programmed.len(), ms = elapsed.as_secs_f64() * 1e3, "synced");
                 } else {
                     debug!(ms = elapsed.as_secs_f64() * 1e3, "sync: unchanged");
                 }
@@ -353,7 +384,7 @@ impl Agent {
     ) {
         tokio::pin!(stop);
         let mut retry: Option<Duration> = None;
-        let mut last: Option<Inventory> = None;
+        let mut last: Option<Arc<Inventory>> = None;
         let mut next_resync = tokio::time::Instant::now() + settings.resync_interval;
         let mut wake = Wake::Change;
         let mut first = true;
@@ -385,7 +416,7 @@ impl Agent {
             if wake != Wake::Change {
                 next_resync = tokio::time::Instant::now() + settings.resync_interval;
             }
-            let Some(inv) = source.inventory() else {
+            let Some(inv) = source.inventory().map(Arc::new) else {
                 debug!("inputs not synced yet; the table in the kernel stays as it is");
                 continue;
             };

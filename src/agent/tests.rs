@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use super::*;
 use crate::model::Inventory;
 use crate::nft::FakeNft;
+use crate::resolve::Resolved;
 
 fn three_tier() -> Inventory {
     let objects = crate::cli::load::Objects::read(&[std::path::PathBuf::from(concat!(
@@ -102,13 +103,13 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     let inv = three_tier();
     let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
     *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
-    let out = a.sync_blocking(&inv, false).unwrap();
+    let out = a.sync_blocking(inv.clone(), false).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     assert!(fake.scripts()[0].starts_with("table inet kube-nsg\ndelete table inet kube-nsg\n"));
     *fake.table_json.lock().unwrap() =
         Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 3)])));
     assert_eq!(
-        a.sync_blocking(&inv, true).unwrap().applied,
+        a.sync_blocking(inv.clone(), true).unwrap().applied,
         Applied::Unchanged
     );
 
@@ -118,7 +119,7 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     web3.id.name = "web3".into();
     web3.ips = vec!["10.244.1.13".parse().unwrap()];
     joined.pods.push(web3);
-    let out = a.sync_blocking(&joined, false).unwrap();
+    let out = a.sync_blocking(joined.clone(), false).unwrap();
     assert_eq!(
         out.applied,
         Applied::Elements,
@@ -142,7 +143,7 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     let mut edited = joined.clone();
     edited.nsgs[0].rules.retain(|r| r.priority != 100);
     let rs2 = nft::compile(&Resolved::new(&edited), Some("node-1"));
-    let out = a.sync_blocking(&edited, false).unwrap();
+    let out = a.sync_blocking(edited.clone(), false).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     // The fake does not reset counters: list the new table as the kernel would.
     *fake.table_json.lock().unwrap() =
@@ -156,24 +157,24 @@ fn drift_is_repaired_by_a_replacement() {
     let fake = Arc::new(FakeNft::default());
     let a = agent(&fake);
     let inv = three_tier();
-    a.sync_blocking(&inv, false).unwrap();
+    a.sync_blocking(inv.clone(), false).unwrap();
     let rs = a.dataplane.lock().unwrap().current().unwrap().clone();
     // The fake had no table listed when the sync ran: the fingerprint is of "no table".
     *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
-    let out = a.sync_blocking(&inv, true).unwrap();
+    let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     assert!(out.drift_repaired);
     // Now it matches; counter values alone are no drift.
     *fake.table_json.lock().unwrap() =
         Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 9)])));
-    let out = a.sync_blocking(&inv, true).unwrap();
+    let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert_eq!(out.applied, Applied::Unchanged);
     assert!(!out.drift_repaired);
     // Someone deleted the table.
     *fake.table_json.lock().unwrap() = None;
     let (_, drifted) = a.dataplane.lock().unwrap().read_hits().unwrap();
     assert!(drifted);
-    let out = a.sync_blocking(&inv, true).unwrap();
+    let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert!(out.drift_repaired);
     assert_eq!(out.applied, Applied::Replaced);
 }
@@ -184,14 +185,14 @@ fn a_failed_apply_keeps_the_table_and_the_next_sync_replaces_it() {
     let a = agent(&fake);
     let inv = three_tier();
     *fake.reject_containing.lock().unwrap() = Some("table".into());
-    assert!(a.sync_blocking(&inv, false).is_err());
+    assert!(a.sync_blocking(inv.clone(), false).is_err());
     assert!(
         fake.scripts().is_empty(),
         "nothing applied, nothing deleted"
     );
     *fake.reject_containing.lock().unwrap() = None;
     assert_eq!(
-        a.sync_blocking(&inv, false).unwrap().applied,
+        a.sync_blocking(inv.clone(), false).unwrap().applied,
         Applied::Replaced
     );
     assert!(
@@ -336,4 +337,34 @@ fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll(
     *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
     let (_, drifted) = dp.read_hits().unwrap();
     assert!(drifted);
+}
+
+#[test]
+fn other_nodes_pods_update_the_last_table_and_a_drift_check_compiles_in_full() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    let mut inv = three_tier();
+    let pod =
+        |inv: &Inventory, name: &str| inv.pods.iter().position(|p| p.id.name == name).unwrap();
+    let logic1 = pod(&inv, "logic1");
+    inv.pods[logic1].node_name = Some("node-2".into());
+    assert!(!a.sync_blocking(inv.clone(), false).unwrap().peer_update);
+
+    // logic1 joins asg-web: the web rules now hold for it as a peer.
+    let mut joined = inv.clone();
+    joined.pods[logic1]
+        .annotations
+        .insert(crate::model::ASG_ANNOTATION.into(), "asgweb".into());
+    let out = a.sync_blocking(joined.clone(), false).unwrap();
+    assert!(out.peer_update);
+    assert_eq!(out.applied, Applied::Elements);
+    let full = nft::compile(&Resolved::new(&joined), Some("node-1"));
+    assert_eq!(a.dataplane.lock().unwrap().current(), Some(&full));
+
+    // A change of the node's own pods is a full compile; so is every drift check.
+    let mut moved = joined.clone();
+    let web2 = pod(&moved, "web2");
+    moved.pods[web2].node_name = Some("node-2".into());
+    assert!(!a.sync_blocking(moved.clone(), false).unwrap().peer_update);
+    assert!(!a.sync_blocking(moved.clone(), true).unwrap().peer_update);
 }

@@ -15,6 +15,10 @@ use crate::resolve::{Level, Resolved};
 
 use super::ruleset::*;
 
+mod peers;
+pub use peers::{PeerIndex, compile_indexed, update_peers};
+use peers::{PeerMaps, StageIndex};
+
 /// The table the agent owns.
 pub const TABLE: &str = "kube-nsg";
 
@@ -65,6 +69,11 @@ pub fn compile(res: &Resolved, node: Option<&str>) -> Ruleset {
 }
 
 pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -> Ruleset {
+    Compiler::new(res, opts, pod_addresses(res)).run(node)
+}
+
+/// Every pod address of the cluster (the pod it resolves to has it), sorted per family.
+fn pod_addresses(res: &Resolved) -> BTreeMap<Family, Vec<u128>> {
     let mut pod_ips: BTreeMap<Family, Vec<u128>> = BTreeMap::new();
     for (p, pod) in res.inv.pods.iter().enumerate() {
         for &ip in pod.ips.iter().filter(|ip| res.pod_by_ip(**ip) == Some(p)) {
@@ -78,16 +87,7 @@ pub fn compile_with(res: &Resolved, node: Option<&str>, opts: &CompileOptions) -
         v.sort_unstable();
         v.dedup();
     }
-    let sets = BTreeMap::new();
-    Compiler {
-        res,
-        opts,
-        stages: BTreeMap::new(),
-        asg_ips: BTreeMap::new(),
-        sets,
-        pod_ips,
-    }
-    .run(node)
+    pod_ips
 }
 
 /// Names must be nftables identifiers (letters, digits, `/ - _ .`) of at most 255 bytes.
@@ -174,13 +174,14 @@ fn all_ports(ranges: &[PortRange]) -> bool {
 
 /// A group and the direction of its rules.
 type StageKey = (usize, Direction);
-/// Stage chains, class chains, and the stage chain of each variant.
-type MapStage = (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>);
+/// Stage chains, class chains, the stage chain of each variant, and the stage's index.
+type MapStage = (Vec<Chain>, Vec<Chain>, Vec<(Vec<usize>, String)>, PeerMaps);
 
 /// One group in one direction, as the compiler sees it.
 struct Stage {
     /// `in/NS/NAME`: the prefix of every chain and map of the stage.
     base: String,
+    level: Level,
     level_hint: String,
     rules: Vec<StageRule>,
 }
@@ -189,7 +190,8 @@ struct StageRule {
     rule: SecurityRule,
     /// The per-rule counting chain.
     chain: String,
-    /// The addresses on the peer's side (ASG members and tags resolved).
+    /// The addresses on the peer's side (ASG members and tags resolved): empty until
+    /// `Compiler::resolve_peers`.
     peer: IpSet,
     /// The same without ASG members: what holds for addresses that are no pod's.
     peer_prefixes: IpSet,
@@ -255,8 +257,27 @@ struct Compiler<'r, 'a> {
     pod_ips: BTreeMap<Family, Vec<u128>>,
 }
 
-impl Compiler<'_, '_> {
-    fn run(mut self, node: Option<&str>) -> Ruleset {
+impl<'r, 'a> Compiler<'r, 'a> {
+    fn new(
+        res: &'r Resolved<'a>,
+        opts: &'r CompileOptions,
+        pod_ips: BTreeMap<Family, Vec<u128>>,
+    ) -> Self {
+        Compiler {
+            res,
+            opts,
+            stages: BTreeMap::new(),
+            asg_ips: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            pod_ips,
+        }
+    }
+
+    fn run(self, node: Option<&str>) -> Ruleset {
+        self.run_indexed(node).0
+    }
+
+    fn run_indexed(mut self, node: Option<&str>) -> (Ruleset, StageIndex) {
         let res = self.res;
         // The node's pod addresses. An address another pod claims first is that pod's (as in
         // the evaluator), and a node address is never a pod's: a host-network pod must not
@@ -300,22 +321,14 @@ impl Compiler<'_, '_> {
             }
         }
 
-        // Named sets every compiled rule refers to (both layouts keep them).
-        let keys: Vec<(usize, Direction)> = self.stages.keys().copied().collect();
-        for &key in &keys {
-            for i in 0..self.stages[&key].rules.len() {
-                let rule = self.stages[&key].rules[i].rule.clone();
-                for fam in Family::BOTH {
-                    self.alternatives(&rule.source, fam);
-                    self.alternatives(&rule.destination, fam);
-                }
-            }
-        }
+        self.resolve_peers();
+        self.declare_sets();
 
         // Stage chains, and for each variant the chain that runs it.
         let mut stage_chains = Vec::new();
         let mut class_chains = Vec::new();
         let mut variant_chain: BTreeMap<((usize, Direction), Variant), String> = BTreeMap::new();
+        let mut peer_maps = Vec::new();
         for (&key, vs) in &variants {
             match self.opts.layout {
                 Layout::Linear => {
@@ -326,10 +339,11 @@ impl Compiler<'_, '_> {
                     stage_chains.push(chain);
                 }
                 Layout::Maps => {
-                    let (chains, classes, names) = self.map_stage(key, vs);
+                    let (chains, classes, names, index) = self.map_stage(key, vs);
                     variant_chain.extend(names.into_iter().map(|(v, n)| ((key, v), n)));
                     stage_chains.extend(chains);
                     class_chains.extend(classes);
+                    peer_maps.push(index);
                 }
             }
         }
@@ -462,11 +476,30 @@ impl Compiler<'_, '_> {
         chains.extend(stage_chains);
         chains.extend(class_chains);
         chains.extend(counting);
-        Ruleset {
+        let index = StageIndex {
+            stages: self.stages.iter().map(|(&k, s)| (k, s.level)).collect(),
+            maps: peer_maps,
+        };
+        let rs = Ruleset {
             table: self.opts.table.clone(),
             sets: self.sets.into_values().collect(),
             chains,
             rule_chains,
+        };
+        (rs, index)
+    }
+
+    /// Declares the named sets every compiled rule refers to (both layouts keep them).
+    fn declare_sets(&mut self) {
+        let keys: Vec<(usize, Direction)> = self.stages.keys().copied().collect();
+        for &key in &keys {
+            for i in 0..self.stages[&key].rules.len() {
+                let rule = self.stages[&key].rules[i].rule.clone();
+                for fam in Family::BOTH {
+                    self.alternatives(&rule.source, fam);
+                    self.alternatives(&rule.destination, fam);
+                }
+            }
         }
     }
 
@@ -551,16 +584,11 @@ impl Compiler<'_, '_> {
                 chain = ident(&format!("{base}/{}-{n}", rule.priority)); // duplicate priority
                 n += 1;
             }
-            let peer = self.endpoint_set(sides(&rule, d).1);
-            let peer_prefixes = match sides(&rule, d).1 {
-                Endpoint::Asgs(_) => IpSet::empty(),
-                Endpoint::Prefixes(_) => peer.clone(),
-            };
             rules.push(StageRule {
                 rule,
                 chain,
-                peer,
-                peer_prefixes,
+                peer: IpSet::empty(),
+                peer_prefixes: IpSet::empty(),
             });
         }
         let level_hint = format!(
@@ -575,10 +603,28 @@ impl Compiler<'_, '_> {
             key,
             Stage {
                 base,
+                level,
                 level_hint,
                 rules,
             },
         );
+    }
+
+    /// Resolves the peer addresses of every stage's rules, which cutting the address space
+    /// needs (an update of peer pods asks the model about each address instead).
+    fn resolve_peers(&mut self) {
+        let keys: Vec<StageKey> = self.stages.keys().copied().collect();
+        for key in keys {
+            for i in 0..self.stages[&key].rules.len() {
+                let ep = sides(&self.stages[&key].rules[i].rule, key.1).1.clone();
+                let peer = self.endpoint_set(&ep);
+                let sr = &mut self.stages.get_mut(&key).expect("listed above").rules[i];
+                if matches!(ep, Endpoint::Prefixes(_)) {
+                    sr.peer_prefixes = peer.clone();
+                }
+                sr.peer = peer;
+            }
+        }
     }
 
     fn asg_set(&mut self, asg: &AsgRef) -> IpSet {
@@ -922,6 +968,7 @@ impl Compiler<'_, '_> {
             .collect();
         let mut stage_chains = Vec::new();
         let mut names = Vec::new();
+        let mut chain_variants = Vec::new();
         for (k, (content, vs)) in contents.into_iter().enumerate() {
             let name = if single {
                 base.clone()
@@ -953,9 +1000,9 @@ impl Compiler<'_, '_> {
             for fam in Family::BOTH {
                 for exact in [true, false] {
                     let map = if exact {
-                        format!("{name}/pods.{}", fam.suffix())
+                        pod_map(&name, fam)
                     } else {
-                        format!("{name}.{}", fam.suffix())
+                        prefix_map(&name, fam)
                     };
                     let elements = content
                         .iter()
@@ -996,10 +1043,29 @@ impl Compiler<'_, '_> {
                 comment: Some(comment(&chain_comment)),
                 rules,
             });
-            names.extend(vs.into_iter().map(|v| (v, name.clone())));
+            names.extend(vs.iter().map(|v| (v.clone(), name.clone())));
+            chain_variants.push((name, vs));
         }
-        (stage_chains, class_chains, names)
+        let index = PeerMaps {
+            key,
+            chains: chain_variants,
+            targets: fn_ids
+                .into_iter()
+                .map(|(f, i)| (f, target[i].clone()))
+                .collect(),
+        };
+        (stage_chains, class_chains, names, index)
     }
+}
+
+/// A stage chain's map of peer pods with classes of their own.
+fn pod_map(chain: &str, fam: Family) -> String {
+    format!("{chain}/pods.{}", fam.suffix())
+}
+
+/// A stage chain's interval map of every other peer address.
+fn prefix_map(chain: &str, fam: Family) -> String {
+    format!("{chain}.{}", fam.suffix())
 }
 
 fn push_alt(matches: &mut Vec<Match>, family: Family, side: Side, alt: &Alt) {

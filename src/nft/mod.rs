@@ -79,7 +79,10 @@ pub use apply::{
     Applied, FakeNft, Nft, NftCommand, NftError, RuleCounter, delete_table, parse_counters,
     read_counters, sync,
 };
-pub use compile::{CompileOptions, HostTraffic, Layout, TABLE, compile, compile_with};
+pub use compile::{
+    CompileOptions, HostTraffic, Layout, PeerIndex, TABLE, compile, compile_indexed, compile_with,
+    update_peers,
+};
 pub use render::{
     ElementUpdate, SetChange, Update, render, render_delete, render_replace, render_update,
     rule_text,
