@@ -57,7 +57,9 @@
 //!   An interval map's key cannot refer to a set, so the maps carry the same addresses
 //!   flattened; the sets show memberships in `nft list`, and the `Linear` layout matches on
 //!   them. Pod churn and membership changes change only elements (`render_update`) as long
-//!   as no chain appears or disappears; the agent sends those over netlink (`netlink`).
+//!   as no chain appears or disappears; the agent sends those over netlink (`netlink`), and
+//!   for pods of other nodes it updates the last table rather than compiling it again
+//!   (`update_peers`).
 //!
 //! # Hooks
 //!
