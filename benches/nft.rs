@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube_nsg::eval::{Packet, evaluate_flow};
-use kube_nsg::model::{Access, Protocol};
+use kube_nsg::model::{Access, Inventory, Protocol};
 use kube_nsg::nft::{
-    self, Applied, CompileOptions, Element, ElementUpdate, Layout, Nft, NftCommand, Ruleset, Set,
-    Update,
+    self, Applied, CompileOptions, Element, ElementUpdate, Layout, Nft, NftCommand, PodIndex,
+    Ruleset, Set, Update,
 };
 use kube_nsg::resolve::Resolved;
 use nft_support::bench::{self, A, B, FLOW_PORT, NODE};
@@ -202,6 +202,38 @@ fn sync_timed(nftc: &NftCommand, old: &Ruleset, new: &Ruleset) -> f64 {
     )
 }
 
+/// Turns between two views, forth and back, so that `index` ends at `a` again.
+const TURNS: usize = 6;
+
+/// Median seconds of the agent's two ways from one table to the next, between views `a`
+/// (compiled as `table_a` with `index`) and `b`: a full compile and diff, and the update for
+/// pod churn, which must give the full compile's table.
+fn agent_ways(
+    table_a: &Ruleset,
+    a: &Arc<Inventory>,
+    b: &Arc<Inventory>,
+    index: &mut PodIndex,
+    options: &CompileOptions,
+) -> (f64, f64) {
+    let table_b = nft::compile_with(&Resolved::new(b), Some(NODE), options);
+    let views = [(a, table_a), (b, &table_b)];
+    let mut full = Vec::new();
+    let mut pods = Vec::new();
+    for turn in 0..TURNS {
+        let ((_, from), (to, expected)) = (views[turn % 2], views[1 - turn % 2]);
+        let t = Instant::now();
+        let rs = nft::compile_with(&Resolved::new(to), Some(NODE), options);
+        elements(nft::render_update(Some(from), &rs));
+        full.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let rs = nft::update_pods(from, index, to, options).expect("pod churn: an update");
+        elements(nft::render_update(Some(from), &rs));
+        pods.push(t.elapsed().as_secs_f64());
+        assert_eq!(&rs, expected, "the update gives the full compile's table");
+    }
+    (median(full), median(pods))
+}
+
 fn elements(update: Update) -> ElementUpdate {
     match update {
         Update::Elements(u) => u,
@@ -216,44 +248,25 @@ fn membership_change(table: &str) {
     let before = bench::cluster(true);
     let (after, member) = bench::after_membership_change(before.clone());
     let options = opts(table, Layout::Maps);
-    let states = [Arc::new(before), Arc::new(after)];
+    let before = Arc::new(before);
     let t = Instant::now();
-    let (old, mut index) = nft::compile_indexed(&states[0], Some(NODE), &options);
+    let (old, mut index) = nft::compile_indexed(&before, Some(NODE), &options);
     let t_old = t.elapsed().as_secs_f64();
-    let new = nft::compile_with(&Resolved::new(&states[1]), Some(NODE), &options);
+    let new = nft::compile_with(&Resolved::new(&after), Some(NODE), &options);
     let update = elements(nft::render_update(Some(&old), &new));
-    // The agent's two ways from one table to the next, forth and back in turn: a full
-    // compile and diff, and the update for other nodes' pods (`index` follows the turns).
-    let tables = [old.clone(), new.clone()];
-    let turn = |r: usize| (r % 2, 1 - r % 2);
-    let t_full = median(
-        (0..ROUNDS)
-            .map(|r| {
-                let (from, to) = turn(r);
-                let t = Instant::now();
-                let rs = nft::compile_with(&Resolved::new(&states[to]), Some(NODE), &options);
-                elements(nft::render_update(Some(&tables[from]), &rs));
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
-    let t_peer = median(
-        (0..ROUNDS)
-            .map(|r| {
-                let (from, to) = turn(r);
-                let t = Instant::now();
-                let rs = nft::update_peers(&tables[from], &mut index, &states[to], &options)
-                    .expect("another node's pod: an update of the last table");
-                let diff = elements(nft::render_update(Some(&tables[from]), &rs));
-                let s = t.elapsed().as_secs_f64();
-                assert_eq!(rs, tables[to], "the update gives the full compile's table");
-                if to == 1 {
-                    assert_eq!(diff.script(), update.script());
-                }
-                s
-            })
-            .collect(),
-    );
+    let churn = [
+        ("the change above", Arc::new(after)),
+        (
+            "a pod starting on the node",
+            Arc::new(bench::after_local_start(&before)),
+        ),
+    ]
+    .map(|(what, state)| {
+        (
+            what,
+            agent_ways(&old, &before, &state, &mut index, &options),
+        )
+    });
     let undo = elements(nft::render_update(Some(&new), &old));
     assert!(update.script().contains(&member), "{}", update.script());
     assert!(
@@ -365,13 +378,19 @@ fn membership_change(table: &str) {
         large_nl < 0.05
     );
     println!(
-        "    agent side, not in the ratio: compiling the node {}; to the next table \
-         (median of {ROUNDS}), compile + diff {}, peer update + diff {} (ratio {:.3})\n",
-        ms(t_old),
-        ms(t_full),
-        ms(t_peer),
-        t_peer / t_full
+        "    agent side, not in the ratios: compiling the node {}; to the next table and back \
+         (median of {TURNS}):",
+        ms(t_old)
     );
+    for (what, (full, pods)) in churn {
+        println!(
+            "      {what:<28} compile + diff {:>9}, pod update + diff {:>8}, ratio {:.3}",
+            ms(full),
+            ms(pods),
+            pods / full
+        );
+    }
+    println!();
 }
 
 fn sink_count(pod: &NetnsPod) -> u64 {

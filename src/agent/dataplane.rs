@@ -36,8 +36,8 @@ pub struct SyncOutcome {
     /// The kernel's table differed from what the agent last applied (edited or deleted by
     /// someone else), so it was replaced whole.
     pub drift_repaired: bool,
-    /// The table was the last one updated for other nodes' pods, not compiled anew.
-    pub peer_update: bool,
+    /// The table was the last one updated for pod churn, not compiled anew.
+    pub pod_update: bool,
 }
 
 /// What the agent knows of the kernel's table since its last apply.
@@ -149,7 +149,7 @@ impl Dataplane {
         Ok(SyncOutcome {
             applied,
             drift_repaired,
-            peer_update: false,
+            pod_update: false,
         })
     }
 

@@ -46,7 +46,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::daemon::{self, DaemonArgs, init_tracing, parse_duration, shutdown_signal};
 use crate::model::{Inventory, ObjectRef};
-use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand, PeerIndex};
+use crate::nft::{self, Applied, CompileOptions, HostTraffic, Nft, NftCommand, PodIndex};
 
 pub use dataplane::{Dataplane, HitKey, SyncOutcome};
 pub use inputs::Source;
@@ -248,8 +248,8 @@ pub struct Agent {
     pub node: String,
     opts: Arc<CompileOptions>,
     pub dataplane: Arc<Mutex<Dataplane>>,
-    /// What the table last applied was compiled from, for updates of other nodes' pods.
-    peers: Arc<Mutex<Option<PeerIndex>>>,
+    /// What the table last applied was compiled from, for updates of pod churn.
+    pods: Arc<Mutex<Option<PodIndex>>>,
     metrics: Arc<metrics::AgentMetrics>,
     /// The NSG generations the table last applied enforces.
     pub programmed: Arc<watch::Sender<Option<BTreeMap<ObjectRef, i64>>>>,
@@ -280,7 +280,7 @@ impl Agent {
             node,
             opts: Arc::new(opts),
             dataplane: Arc::new(Mutex::new(Dataplane::new(nft, table))),
-            peers: Arc::new(Mutex::new(None)),
+            pods: Arc::new(Mutex::new(None)),
             metrics,
             programmed: Arc::new(watch::channel(None).0),
             hits: Arc::new(watch::channel(BTreeMap::new()).0),
@@ -289,10 +289,9 @@ impl Agent {
     }
 
     /// Compiles `inv` for this node and brings the kernel to it (blocking: runs `nft`).
-    /// When only other nodes' pods changed, the table last applied is updated instead
-    /// (`nft::update_peers`: milliseconds, where a large node's compile takes most of a
-    /// second); a sync that checks for drift always compiles in full, which also drops the
-    /// chains of classes no pod has any more.
+    /// When only pods changed, the table last applied is updated instead (`nft::update_pods`:
+    /// milliseconds, where a large node's compile takes most of a second); a sync that checks
+    /// for drift always compiles in full, which also drops the chains nothing uses any more.
     pub fn sync_blocking(
         &self,
         inv: impl Into<Arc<Inventory>>,
@@ -300,27 +299,27 @@ impl Agent {
     ) -> Result<SyncOutcome, nft::NftError> {
         let inv = inv.into();
         let mut dataplane = self.dataplane.lock().expect("dataplane lock");
-        let mut peers = self.peers.lock().expect("peers lock");
-        let updated = match (peers.as_mut(), dataplane.current()) {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let updated = match (pods.as_mut(), dataplane.current()) {
             (Some(index), Some(current)) if !check_drift => {
-                nft::update_peers(current, index, &inv, &self.opts)
+                nft::update_pods(current, index, &inv, &self.opts)
             }
             _ => None,
         };
-        let peer_update = updated.is_some();
+        let pod_update = updated.is_some();
         let rs = updated.unwrap_or_else(|| {
             let (rs, index) = nft::compile_indexed(&inv, Some(&self.node), &self.opts);
-            *peers = Some(index);
+            *pods = Some(index);
             rs
         });
         let result = dataplane.sync(rs, check_drift);
         match result {
             Ok(outcome) => Ok(SyncOutcome {
-                peer_update,
+                pod_update,
                 ..outcome
             }),
             Err(e) => {
-                *peers = None; // the index describes a table the kernel does not have
+                *pods = None; // the index describes a table the kernel does not have
                 Err(e)
             }
         }
@@ -354,7 +353,7 @@ impl Agent {
                     warn!("the table differed from what the agent applied; replaced it");
                 }
                 if outcome.applied != Applied::Unchanged {
-                    info!(applied = ?outcome.applied, peer_update = outcome.peer_update, nsgs = programmed.len(), ms = elapsed.as_secs_f64() * 1e3, "synced");
+                    info!(applied = ?outcome.applied, pod_update = outcome.pod_update, nsgs = programmed.len(), ms = elapsed.as_secs_f64() * 1e3, "synced");
                 } else {
                     debug!(ms = elapsed.as_secs_f64() * 1e3, "sync: unchanged");
                 }

@@ -340,7 +340,7 @@ fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll(
 }
 
 #[test]
-fn other_nodes_pods_update_the_last_table_and_a_drift_check_compiles_in_full() {
+fn pod_churn_updates_the_last_table_and_a_drift_check_compiles_in_full() {
     let fake = Arc::new(FakeNft::default());
     let a = agent(&fake);
     let mut inv = three_tier();
@@ -348,23 +348,31 @@ fn other_nodes_pods_update_the_last_table_and_a_drift_check_compiles_in_full() {
         |inv: &Inventory, name: &str| inv.pods.iter().position(|p| p.id.name == name).unwrap();
     let logic1 = pod(&inv, "logic1");
     inv.pods[logic1].node_name = Some("node-2".into());
-    assert!(!a.sync_blocking(inv.clone(), false).unwrap().peer_update);
+    assert!(!a.sync_blocking(inv.clone(), false).unwrap().pod_update);
 
-    // logic1 joins asg-web: the web rules now hold for it as a peer.
+    // logic1, on another node, joins asgweb: the web rules now hold for it as a peer.
     let mut joined = inv.clone();
     joined.pods[logic1]
         .annotations
         .insert(crate::model::ASG_ANNOTATION.into(), "asgweb".into());
     let out = a.sync_blocking(joined.clone(), false).unwrap();
-    assert!(out.peer_update);
+    assert!(out.pod_update);
     assert_eq!(out.applied, Applied::Elements);
     let full = nft::compile(&Resolved::new(&joined), Some("node-1"));
     assert_eq!(a.dataplane.lock().unwrap().current(), Some(&full));
 
-    // A change of the node's own pods is a full compile; so is every drift check.
+    // web2 leaves the node: its dispatch elements go.
     let mut moved = joined.clone();
     let web2 = pod(&moved, "web2");
     moved.pods[web2].node_name = Some("node-2".into());
-    assert!(!a.sync_blocking(moved.clone(), false).unwrap().peer_update);
-    assert!(!a.sync_blocking(moved.clone(), true).unwrap().peer_update);
+    let out = a.sync_blocking(moved.clone(), false).unwrap();
+    assert!(out.pod_update);
+    assert_eq!(out.applied, Applied::Elements);
+    assert!(fake.scripts().last().unwrap().contains("delete element"));
+
+    // A drift check compiles in full, as does a changed group.
+    assert!(!a.sync_blocking(moved.clone(), true).unwrap().pod_update);
+    let mut edited = moved.clone();
+    edited.nsgs[0].rules.retain(|r| r.priority != 100);
+    assert!(!a.sync_blocking(edited, false).unwrap().pod_update);
 }

@@ -15,9 +15,9 @@ use crate::resolve::{Level, Resolved};
 
 use super::ruleset::*;
 
-mod peers;
-pub use peers::{PeerIndex, compile_indexed, update_peers};
-use peers::{PeerMaps, StageIndex};
+mod pods;
+use pods::{PeerMaps, StageIndex};
+pub use pods::{PodIndex, compile_indexed, update_pods};
 
 /// The table the agent owns.
 pub const TABLE: &str = "kube-nsg";
@@ -308,13 +308,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 for &(level, nsg) in &stages {
                     let key = (nsg, d);
                     self.stage(key, level);
-                    let v: Variant = self.stages[&key]
-                        .rules
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| res.endpoint_contains(sides(&r.rule, d).0, ip))
-                        .map(|(i, _)| i)
-                        .collect();
+                    let v = self.variant(key, ip);
                     variants.entry(key).or_default().insert(v.clone());
                     per_ip.entry((d, ip)).or_default().push((key, v));
                 }
@@ -358,12 +352,14 @@ impl<'r, 'a> Compiler<'r, 'a> {
             sequences.entry((*d, seq)).or_default().push(*ip);
         }
         let mut pod_chains = Vec::new();
+        let mut pod_chain_names = BTreeMap::new();
         let mut dispatch: BTreeMap<(Direction, Family), Vec<Element>> = BTreeMap::new();
         let mut counts: BTreeMap<Direction, usize> = BTreeMap::new();
         for ((d, seq), ips) in &sequences {
             let n = counts.entry(*d).or_default();
             let name = format!("pods-{}/{n}", dir_name(*d));
             *n += 1;
+            pod_chain_names.insert((*d, seq.clone()), name.clone());
             let described: Vec<String> = per_ip[&(*d, ips[0])]
                 .iter()
                 .map(|((nsg, _), _)| self.stages[&(*nsg, *d)].level_hint.clone())
@@ -404,7 +400,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
             for fam in Family::BOTH {
                 let mut elements = dispatch.remove(&(d, fam)).unwrap_or_default();
                 elements.sort();
-                let name = format!("pods-{}.{}", dir_name(d), fam.suffix());
+                let name = dispatch_map(d, fam);
                 self.sets.insert(
                     name.clone(),
                     Set {
@@ -478,6 +474,8 @@ impl<'r, 'a> Compiler<'r, 'a> {
         chains.extend(counting);
         let index = StageIndex {
             stages: self.stages.iter().map(|(&k, s)| (k, s.level)).collect(),
+            variant_chains: variant_chain,
+            pod_chains: pod_chain_names,
             maps: peer_maps,
         };
         let rs = Ruleset {
@@ -521,7 +519,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     vec![],
                     Action::Vmap {
                         key: vec![Field::Addr(fam, side)],
-                        map: MapRef::Named(format!("pods-{}.{}", dir_name(d), fam.suffix())),
+                        map: MapRef::Named(dispatch_map(d, fam)),
                     },
                 )
             })
@@ -608,6 +606,17 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 rules,
             },
         );
+    }
+
+    /// The rules of a stage whose local side holds a pod address (its variant).
+    fn variant(&self, key: StageKey, ip: IpAddr) -> Vec<usize> {
+        self.stages[&key]
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| self.res.endpoint_contains(sides(&r.rule, key.1).0, ip))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Resolves the peer addresses of every stage's rules, which cutting the address space
@@ -1056,6 +1065,11 @@ impl<'r, 'a> Compiler<'r, 'a> {
         };
         (stage_chains, class_chains, names, index)
     }
+}
+
+/// The map from the node's pod addresses to their chains in a direction.
+fn dispatch_map(d: Direction, fam: Family) -> String {
+    format!("pods-{}.{}", dir_name(d), fam.suffix())
 }
 
 /// A stage chain's map of peer pods with classes of their own.

@@ -58,8 +58,7 @@
 //!   flattened; the sets show memberships in `nft list`, and the `Linear` layout matches on
 //!   them. Pod churn and membership changes change only elements (`render_update`) as long
 //!   as no chain appears or disappears; the agent sends those over netlink (`netlink`), and
-//!   for pods of other nodes it updates the last table rather than compiling it again
-//!   (`update_peers`).
+//!   for pod churn it updates the last table rather than compiling it again (`update_pods`).
 //!
 //! # Hooks
 //!
@@ -82,8 +81,8 @@ pub use apply::{
     read_counters, sync,
 };
 pub use compile::{
-    CompileOptions, HostTraffic, Layout, PeerIndex, TABLE, compile, compile_indexed, compile_with,
-    update_peers,
+    CompileOptions, HostTraffic, Layout, PodIndex, TABLE, compile, compile_indexed, compile_with,
+    update_pods,
 };
 pub use render::{
     ElementUpdate, SetChange, Update, render, render_delete, render_replace, render_update,

@@ -242,3 +242,18 @@ pub fn after_membership_change(mut inv: Inventory) -> (Inventory, String) {
     let ip = p.ips[0].to_string();
     (inv, ip)
 }
+
+/// The cluster with one more pod on the compiled node, like `local0` (a web pod).
+pub fn after_local_start(inv: &Inventory) -> Inventory {
+    let mut inv = inv.clone();
+    let mut started = inv
+        .pods
+        .iter()
+        .find(|p| p.id.name == "local0")
+        .expect("local0")
+        .clone();
+    started.id.name = "local-started".into();
+    started.ips = vec!["10.250.3.200".parse().unwrap()];
+    inv.pods.push(started);
+    inv
+}

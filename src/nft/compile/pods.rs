@@ -1,12 +1,13 @@
-//! Pods of other nodes coming, going, moving and changing memberships, brought into a
-//! compiled table without compiling it again. Such a change moves addresses between the
-//! peer classes the table already decides, so only set elements change: the ASG sets and
-//! the stage chains' maps of peer pods with classes of their own. Compiling a large node
-//! takes a good part of a second (4,096 rules, 10,000 pods); this takes milliseconds.
-//! Anything else (a group, an ASG, a namespace or one of the node's own pods changed, or a
-//! pod whose memberships give it a class the table has no chain for) is a full compile.
+//! Pod churn brought into a compiled table without compiling it again: pods coming, going,
+//! moving, changing addresses or memberships. Such a change moves addresses between the
+//! peer classes, variants and pod chains the table already has, so only set elements change:
+//! the ASG sets, the stage chains' maps of peer pods with classes of their own, and the
+//! node's dispatch maps. Compiling a large node takes a good part of a second (4,096 rules,
+//! 10,000 pods); this takes milliseconds. Anything else (a group, an ASG, a namespace, a tag
+//! or a range changed), or a pod that needs a class, variant or pod chain the table does not
+//! have, is a full compile.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -14,13 +15,13 @@ use foldhash::HashMap;
 
 use super::{
     ClassFn, CompileOptions, Compiler, Element, Ruleset, StageKey, Verdict, addr_value, class_fn,
-    family_of, is_total, pod_addresses, pod_map, prefix_map, restrict, sides,
+    dispatch_map, family_of, is_total, pod_addresses, pod_map, prefix_map, restrict, sides,
 };
-use crate::model::{Inventory, ObjectRef, Pod};
+use crate::model::{Direction, Inventory, ObjectRef, Pod};
 use crate::resolve::{Level, Resolved};
 
-/// What [`update_peers`] needs to bring a compiled table to a later view of the cluster.
-pub struct PeerIndex {
+/// What [`update_pods`] needs to bring a compiled table to a later view of the cluster.
+pub struct PodIndex {
     /// The view the table was compiled from (shared with the caller, not copied).
     inventory: Arc<Inventory>,
     node: Option<String>,
@@ -31,6 +32,10 @@ pub struct PeerIndex {
 pub(super) struct StageIndex {
     /// Every stage, to rebuild its rules from the later view.
     pub(super) stages: Vec<(StageKey, Level)>,
+    /// The stage chain of each variant (the rules of a stage holding for a local pod).
+    pub(super) variant_chains: BTreeMap<(StageKey, Vec<usize>), String>,
+    /// The pod chain of each sequence of stage chains, per direction.
+    pub(super) pod_chains: BTreeMap<(Direction, Vec<String>), String>,
     /// The map layout's stages (none in the linear layout, which matches the ASG sets).
     pub(super) maps: Vec<PeerMaps>,
 }
@@ -44,15 +49,15 @@ pub(super) struct PeerMaps {
     pub(super) targets: HashMap<ClassFn, String>,
 }
 
-/// [`compile_with`](super::compile_with), and what [`update_peers`] needs later.
+/// [`compile_with`](super::compile_with), and what [`update_pods`] needs later.
 pub fn compile_indexed(
     inventory: &Arc<Inventory>,
     node: Option<&str>,
     opts: &CompileOptions,
-) -> (Ruleset, PeerIndex) {
+) -> (Ruleset, PodIndex) {
     let res = Resolved::new(inventory);
     let (table, stages) = Compiler::new(&res, opts, pod_addresses(&res)).run_indexed(node);
-    let index = PeerIndex {
+    let index = PodIndex {
         inventory: inventory.clone(),
         node: node.map(String::from),
         stages,
@@ -61,15 +66,14 @@ pub fn compile_indexed(
 }
 
 /// `table` (compiled with `index`) brought to the view `inventory`, when all that changed
-/// since is pods of other nodes; `index` then describes the result. `None` when it takes a
-/// full compile.
-pub fn update_peers(
+/// since is pods; `index` then describes the result. `None` when it takes a full compile.
+pub fn update_pods(
     table: &Ruleset,
-    index: &mut PeerIndex,
+    index: &mut PodIndex,
     inventory: &Arc<Inventory>,
     opts: &CompileOptions,
 ) -> Option<Ruleset> {
-    let addresses = peer_changes(&index.inventory, inventory, index.node.as_deref()?)?;
+    let addresses = pod_changes(&index.inventory, inventory)?;
     let res = Resolved::new(inventory);
     let mut c = Compiler::new(&res, opts, BTreeMap::new());
     for &(key, level) in &index.stages.stages {
@@ -84,11 +88,80 @@ pub fn update_peers(
         }
         old.elements = set.elements;
     }
+    for &ip in &addresses {
+        for d in [Direction::Inbound, Direction::Outbound] {
+            let chain = pod_chain(&c, &index.stages, index.node.as_deref(), d, ip)?;
+            let wanted = chain.map(|name| Verdict::Jump(name.clone()));
+            set_element(
+                &mut out,
+                &dispatch_map(d, family_of(ip)),
+                addr_value(ip),
+                wanted,
+            )?;
+        }
+    }
     for maps in &index.stages.maps {
         reclassify(&mut out, maps, &c, &addresses)?;
     }
     index.inventory = inventory.clone();
     Some(out)
+}
+
+/// The pod chain an address of the node's pods goes to in direction `d` (as `Compiler::run`
+/// picks it): `Some(None)` for an address that is no pod's of `node` or whose pod has no
+/// group, `None` when the table has no chain for it.
+fn pod_chain<'i>(
+    c: &Compiler,
+    index: &'i StageIndex,
+    node: Option<&str>,
+    d: Direction,
+    ip: IpAddr,
+) -> Option<Option<&'i String>> {
+    let res = c.res;
+    let local = res.pod_by_ip(ip).filter(|&p| {
+        node.is_none_or(|n| res.inv.pods[p].node_name.as_deref() == Some(n))
+            && !res.node_ips.contains(ip)
+    });
+    let Some(p) = local else {
+        return Some(None);
+    };
+    let stages = res.stages(p, d);
+    if stages.is_empty() {
+        return Some(None);
+    }
+    let mut seq = Vec::new();
+    for (_, nsg) in stages {
+        let key = (nsg, d);
+        if !c.stages.contains_key(&key) {
+            return None;
+        }
+        seq.push(
+            index
+                .variant_chains
+                .get(&(key, c.variant(key, ip)))?
+                .clone(),
+        );
+    }
+    index.pod_chains.get(&(d, seq)).map(Some)
+}
+
+/// Sets (or, with `None`, removes) the element of address `x` in a map of single addresses.
+fn set_element(out: &mut Ruleset, map: &str, x: u128, verdict: Option<Verdict>) -> Option<()> {
+    let elements = &mut out.sets.iter_mut().find(|s| s.name == map)?.elements;
+    let at = elements.binary_search_by(|e| e.key[0].cmp(&(x, x)));
+    let wanted = verdict.map(|v| Element {
+        key: vec![(x, x)],
+        verdict: Some(v),
+    });
+    match (at, wanted) {
+        (Ok(i), Some(e)) => elements[i] = e,
+        (Ok(i), None) => {
+            elements.remove(i);
+        }
+        (Err(i), Some(e)) => elements.insert(i, e),
+        (Err(_), None) => {}
+    }
+    Some(())
 }
 
 /// Gives each address the pod-map entries of `maps`' stage chains that a full compile would
@@ -135,31 +208,18 @@ fn reclassify(
             let covering = &intervals[intervals.partition_point(|e| e.key[0].1 < x)];
             let wanted = match &covering.verdict {
                 Some(Verdict::Goto(t)) if t == target => None,
-                _ => Some(Element {
-                    key: vec![(x, x)],
-                    verdict: Some(Verdict::Goto(target.clone())),
-                }),
+                _ => Some(Verdict::Goto(target.clone())),
             };
-            let name = pod_map(chain, fam);
-            let pods = &mut out.sets.iter_mut().find(|s| s.name == name)?.elements;
-            let at = pods.binary_search_by(|e| e.key[0].cmp(&(x, x)));
-            match (at, wanted) {
-                (Ok(i), Some(e)) => pods[i] = e,
-                (Ok(i), None) => {
-                    pods.remove(i);
-                }
-                (Err(i), Some(e)) => pods.insert(i, e),
-                (Err(_), None) => {}
-            }
+            set_element(out, &pod_map(chain, fam), x, wanted)?;
         }
     }
     Some(())
 }
 
 /// The addresses of the pods that changed from `before` to `after`, when nothing else the
-/// node's table depends on did: the same groups, ASGs, tags, namespaces and ranges, and no
-/// changed pod or address is one of `node`'s. `None` otherwise.
-fn peer_changes(before: &Inventory, after: &Inventory, node: &str) -> Option<Vec<IpAddr>> {
+/// table depends on did (the same groups, ASGs, tags, namespaces and ranges). `None`
+/// otherwise.
+fn pod_changes(before: &Inventory, after: &Inventory) -> Option<Vec<IpAddr>> {
     let same_rest = before.nsgs == after.nsgs
         && before.asgs == after.asgs
         && before.service_tags == after.service_tags
@@ -183,31 +243,13 @@ fn peer_changes(before: &Inventory, after: &Inventory, node: &str) -> Option<Vec
     if !kept_ids(&before.pods, &kept_before).eq(kept_ids(&after.pods, &kept_after)) {
         return None;
     }
-    let on_node = |p: &&Pod| p.node_name.as_deref() == Some(node);
-    let local: HashSet<IpAddr> = before
-        .pods
-        .iter()
-        .chain(&after.pods)
-        .filter(on_node)
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
-    let changed: Vec<&Pod> = before
-        .pods
-        .iter()
-        .zip(&kept_before)
+    let mut addresses: Vec<IpAddr> = (before.pods.iter().zip(&kept_before))
         .chain(after.pods.iter().zip(&kept_after))
-        .filter(|(_, k)| !**k)
-        .map(|(p, _)| p)
+        .filter(|(_, kept)| !**kept)
+        .flat_map(|(p, _)| p.ips.iter().copied())
         .collect();
-    if changed.iter().any(on_node) {
-        return None;
-    }
-    let mut addresses: Vec<IpAddr> = changed.iter().flat_map(|p| p.ips.iter().copied()).collect();
     addresses.sort_unstable();
     addresses.dedup();
-    if addresses.iter().any(|a| local.contains(a)) {
-        return None;
-    }
     Some(addresses)
 }
 
