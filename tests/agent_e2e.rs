@@ -578,9 +578,15 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
     let _table = TableGuard;
+    // No periodic resync (a full compile) while the churn is watched; drift is still caught
+    // by the counter poll.
+    let config = AgentConfig {
+        resync: "1h",
+        ..AgentConfig::new(REPORT_NS)
+    };
     let agent = start_agent_programmed(
         "churn",
-        &AgentConfig::new(REPORT_NS),
+        &config,
         &client,
         &dir,
         &[ObjectRef::new(ns, "nsg1")],
@@ -589,6 +595,13 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let full = |m: &str| metric(m, "kube_nsg_agent_syncs_total{kind=\"full\"}").unwrap_or(0.0);
     let elements =
         |m: &str| metric(m, "kube_nsg_agent_syncs_total{kind=\"elements\"}").unwrap_or(0.0);
+    let compiles = |m: &str, kind: &str| {
+        metric(
+            m,
+            &format!("kube_nsg_agent_compiles_total{{kind=\"{kind}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
     let before = agent.metrics().await;
 
     // A new web pod elsewhere in the cluster (no network namespace: only its IP matters to
@@ -613,6 +626,12 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
         let now = agent.metrics().await;
         if elements(&now) > elements(&before) {
             assert_eq!(full(&now), full(&before), "pod churn replaced the table");
+            assert_eq!(
+                compiles(&now, "full"),
+                compiles(&before, "full"),
+                "pod churn compiled the table instead of updating it"
+            );
+            assert!(compiles(&now, "pods") > compiles(&before, "pods"));
             break;
         }
         assert!(

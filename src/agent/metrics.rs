@@ -4,6 +4,7 @@
 //! | metric | type | meaning |
 //! |---|---|---|
 //! | `kube_nsg_agent_syncs_total{kind}` | counter | syncs by what they changed: `full` (the table replaced atomically), `elements` (set elements only), `unchanged` |
+//! | `kube_nsg_agent_compiles_total{kind}` | counter | how successful syncs got their table: `full` (the node's table compiled), `pods` (the last table updated for pod churn) |
 //! | `kube_nsg_agent_sync_errors_total` | counter | syncs that failed (`nft` refused or could not run); retried with backoff, the table in the kernel stays |
 //! | `kube_nsg_agent_sync_duration_seconds` | histogram | build, compile and apply of one sync |
 //! | `kube_nsg_agent_drift_repairs_total` | counter | times the kernel's table differed from what the agent applied and was replaced |
@@ -25,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use super::dataplane::HitKey;
+use super::dataplane::{HitKey, SyncOutcome};
 use crate::controller::cache::WatchMetrics;
 use crate::daemon::Probes;
 use crate::nft::Applied;
@@ -45,6 +46,7 @@ struct RuleLabels {
 pub struct AgentMetrics {
     registry: Registry,
     syncs: Family<KindLabels, Counter>,
+    compiles: Family<KindLabels, Counter>,
     sync_errors: Counter,
     sync_duration: Histogram,
     drift_repairs: Counter,
@@ -70,6 +72,7 @@ impl AgentMetrics {
         let mut registry = Registry::with_prefix("kube_nsg_agent");
         let m = AgentMetrics {
             syncs: Family::default(),
+            compiles: Family::default(),
             sync_errors: Counter::default(),
             sync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             drift_repairs: Counter::default(),
@@ -87,6 +90,11 @@ impl AgentMetrics {
             "syncs",
             "Syncs of the node's table by what they changed: full, elements, unchanged",
             m.syncs.clone(),
+        );
+        registry.register(
+            "compiles",
+            "How successful syncs got their table: full (compiled), pods (updated for pod churn)",
+            m.compiles.clone(),
         );
         registry.register(
             "sync_errors",
@@ -137,14 +145,20 @@ impl AgentMetrics {
         AgentMetrics { registry, ..m }
     }
 
-    pub fn synced(&self, applied: Applied, duration: Duration, programmed: usize) {
-        let kind = match applied {
+    pub fn synced(&self, outcome: SyncOutcome, duration: Duration, programmed: usize) {
+        let kind = match outcome.applied {
             Applied::Replaced => "full",
             Applied::Elements => "elements",
             Applied::Unchanged => "unchanged",
         };
         self.syncs
             .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+        let compile = if outcome.pod_update { "pods" } else { "full" };
+        self.compiles
+            .get_or_create(&KindLabels {
+                kind: compile.into(),
+            })
             .inc();
         self.sync_duration.observe(duration.as_secs_f64());
         self.programmed.set(programmed as i64);
@@ -232,8 +246,21 @@ mod tests {
     #[test]
     fn metric_names_are_the_documented_ones() {
         let m = AgentMetrics::new();
-        m.synced(Applied::Replaced, Duration::from_millis(3), 2);
-        m.synced(Applied::Elements, Duration::from_millis(1), 2);
+        let outcome = |applied, pod_update| SyncOutcome {
+            applied,
+            drift_repaired: false,
+            pod_update,
+        };
+        m.synced(
+            outcome(Applied::Replaced, false),
+            Duration::from_millis(3),
+            2,
+        );
+        m.synced(
+            outcome(Applied::Elements, true),
+            Duration::from_millis(1),
+            2,
+        );
         m.sync_failed(Duration::from_millis(1));
         let key = (
             ObjectRef::new("shop", "nsg1"),
@@ -246,6 +273,8 @@ mod tests {
         for name in [
             "kube_nsg_agent_syncs_total{kind=\"full\"} 1",
             "kube_nsg_agent_syncs_total{kind=\"elements\"} 1",
+            "kube_nsg_agent_compiles_total{kind=\"full\"} 1",
+            "kube_nsg_agent_compiles_total{kind=\"pods\"} 1",
             "kube_nsg_agent_sync_errors_total 1",
             "kube_nsg_agent_sync_duration_seconds_bucket",
             "kube_nsg_agent_rule_hits_total{nsg=\"shop/nsg1\",direction=\"Inbound\",rule=\"Deny-Database-All\"} 7",

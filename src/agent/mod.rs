@@ -346,8 +346,7 @@ impl Agent {
         let elapsed = start.elapsed();
         match &result {
             Ok(outcome) => {
-                self.metrics
-                    .synced(outcome.applied, elapsed, programmed.len());
+                self.metrics.synced(*outcome, elapsed, programmed.len());
                 if outcome.drift_repaired {
                     self.metrics.drift_repaired();
                     warn!("the table differed from what the agent applied; replaced it");
