@@ -708,6 +708,14 @@ impl<'r, 'a> Compiler<'r, 'a> {
         }
     }
 
+    /// Declares the set of an ASG's members; returns its stem.
+    fn declare_asg(&mut self, asg: &AsgRef) -> String {
+        let stem = asg_stem(asg);
+        let members = self.asg_set(asg);
+        self.named_set(&stem, &format!("members of ASG {asg}"), &members, true);
+        stem
+    }
+
     /// The ways an address of `fam` can be in `ep`; empty when none can.
     fn alternatives(&mut self, ep: &Endpoint, fam: Family) -> Vec<Alt> {
         let mut alts = Vec::new();
@@ -717,9 +725,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     if !self.res.asg_exists(asg) {
                         continue; // names nothing: matches no address
                     }
-                    let stem = ident(&format!("asg/{}/{}", asg.namespace, asg.name));
-                    let members = self.asg_set(asg);
-                    self.named_set(&stem, &format!("members of ASG {asg}"), &members, true);
+                    let stem = self.declare_asg(asg);
                     alts.push(Alt::Set {
                         name: format!("{stem}.{}", fam.suffix()),
                         negate: false,
@@ -1065,6 +1071,11 @@ impl<'r, 'a> Compiler<'r, 'a> {
         };
         (stage_chains, class_chains, names, index)
     }
+}
+
+/// The name of an ASG's member sets, less the family suffix.
+fn asg_stem(asg: &AsgRef) -> String {
+    ident(&format!("asg/{}/{}", asg.namespace, asg.name))
 }
 
 /// The map from the node's pod addresses to their chains in a direction.

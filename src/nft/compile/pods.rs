@@ -14,10 +14,11 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use super::{
-    ClassFn, CompileOptions, Compiler, Element, Ruleset, StageKey, Verdict, addr_value, class_fn,
-    dispatch_map, family_of, is_total, pod_addresses, pod_map, prefix_map, restrict, sides,
+    ClassFn, CompileOptions, Compiler, Element, Ruleset, StageKey, Verdict, addr_value, asg_stem,
+    class_fn, dispatch_map, family_of, is_total, pod_addresses, pod_map, prefix_map, restrict,
+    sides,
 };
-use crate::model::{Direction, Inventory, ObjectRef, Pod};
+use crate::model::{AsgRef, Direction, Inventory, ObjectRef, Pod};
 use crate::resolve::{Level, Resolved};
 
 /// What [`update_pods`] needs to bring a compiled table to a later view of the cluster.
@@ -79,7 +80,16 @@ pub fn update_pods(
     for &(key, level) in &index.stages.stages {
         c.stage(key, level);
     }
-    c.declare_sets();
+    // Of the named sets, only the ASGs' move with pods.
+    for asg in &inventory.asgs {
+        let asg = AsgRef {
+            namespace: asg.id.namespace.clone(),
+            name: asg.id.name.clone(),
+        };
+        if table.set(&format!("{}.v4", asg_stem(&asg))).is_some() {
+            c.declare_asg(&asg);
+        }
+    }
     let mut out = table.clone();
     for set in std::mem::take(&mut c.sets).into_values() {
         let old = out.sets.iter_mut().find(|s| s.name == set.name)?;
