@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=cluster/env.sh source-path=SCRIPTDIR
+source tests/cluster/env.sh
+# The tests start the local control plane when they need it and share it; stop it at the
+# end unless it was running before (`make demo`, `make cluster-up`).
+if [[ ! -d "$KUBE_NSG_STATE" ]]; then
+  trap 'bash tests/cluster/down.sh >/dev/null || true' EXIT
+fi
+
 bash tests/setup.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
