@@ -3,6 +3,8 @@
 # table, and the lab's network namespaces. The control plane stays (make cluster-down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The agent's cleanup also removes the node's Lease: it needs the demo's cluster.
+export KUBECONFIG="${KUBECONFIG:-/tmp/kube-nsg-cluster/kubeconfig}"
 state=/tmp/kube-nsg-demo
 for p in controller agent; do
   if [[ -f $state/$p.pid ]]; then
