@@ -283,12 +283,9 @@ impl<'r, 'a> Compiler<'r, 'a> {
         // the evaluator), and a node address is never a pod's: a host-network pod must not
         // put the node's own traffic under its groups.
         let mut local: BTreeMap<IpAddr, usize> = BTreeMap::new();
-        for (p, pod) in res.inv.pods.iter().enumerate() {
-            if node.is_some_and(|n| pod.node_name.as_deref() != Some(n)) {
-                continue;
-            }
+        for pod in &res.inv.pods {
             for &ip in &pod.ips {
-                if res.pod_by_ip(ip) == Some(p) && !res.node_ips.contains(ip) {
+                if let Some(p) = local_pod(res, node, ip) {
                     local.insert(ip, p);
                 }
             }
@@ -1071,6 +1068,15 @@ impl<'r, 'a> Compiler<'r, 'a> {
         };
         (stage_chains, class_chains, names, index)
     }
+}
+
+/// The pod of `node` (every node: `None`) an address is a local address of: the pod it
+/// resolves to, unless it is a node address.
+fn local_pod(res: &Resolved, node: Option<&str>, ip: IpAddr) -> Option<usize> {
+    res.pod_by_ip(ip).filter(|&p| {
+        node.is_none_or(|n| res.inv.pods[p].node_name.as_deref() == Some(n))
+            && !res.node_ips.contains(ip)
+    })
 }
 
 /// The name of an ASG's member sets, less the family suffix.

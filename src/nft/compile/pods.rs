@@ -15,8 +15,8 @@ use foldhash::HashMap;
 
 use super::{
     ClassFn, CompileOptions, Compiler, Element, Ruleset, StageKey, Verdict, addr_value, asg_stem,
-    class_fn, dispatch_map, family_of, is_total, pod_addresses, pod_map, prefix_map, restrict,
-    sides,
+    class_fn, dispatch_map, family_of, is_total, local_pod, pod_addresses, pod_map, prefix_map,
+    restrict, sides,
 };
 use crate::model::{AsgRef, Direction, Inventory, ObjectRef, Pod};
 use crate::resolve::{Level, Resolved};
@@ -128,11 +128,7 @@ fn pod_chain<'i>(
     ip: IpAddr,
 ) -> Option<Option<&'i String>> {
     let res = c.res;
-    let local = res.pod_by_ip(ip).filter(|&p| {
-        node.is_none_or(|n| res.inv.pods[p].node_name.as_deref() == Some(n))
-            && !res.node_ips.contains(ip)
-    });
-    let Some(p) = local else {
+    let Some(p) = local_pod(res, node, ip) else {
         return Some(None);
     };
     let stages = res.stages(p, d);
