@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use crate::model::{
     ASG_ANNOTATION, AddressPrefix, AsgRef, Direction, Endpoint, Inventory, IpSet, Nsg, ObjectRef,
-    WellKnownTag,
+    SecurityRule, WellKnownTag,
 };
 
 /// Where a group is associated: with a namespace (subnet) or with pods (network interface).
@@ -34,6 +34,20 @@ pub struct Unresolved {
     pub field: &'static str,
     /// `asg:NS/NAME` or `serviceTag:NAME`.
     pub reference: String,
+}
+
+impl Unresolved {
+    /// The references of `rule` among `all`, as `field: reference`. A default rule has none,
+    /// whatever its name.
+    pub fn of_rule(all: &[Unresolved], rule: &SecurityRule) -> Vec<String> {
+        if rule.is_default {
+            return Vec::new();
+        }
+        all.iter()
+            .filter(|u| u.rule == rule.name)
+            .map(|u| format!("{}: {}", u.field, u.reference))
+            .collect()
+    }
 }
 
 pub struct Resolved<'a> {

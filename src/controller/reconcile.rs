@@ -13,6 +13,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod as ApiPod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -409,19 +410,21 @@ impl Reconciler {
             let alerts = status::nsg_alerts(&obj.conditions, &conds);
             status_writes.push(StatusWrite::Nsg(obj.clone(), Box::new(desired), alerts));
         }
+        // ASGs and service tags have one condition, Accepted, from their validation.
+        let accepted_only = |observed: Option<&[Condition]>, errors, generation| {
+            let desired = status::asg_conditions(errors);
+            status::conditions(observed.unwrap_or_default(), &desired, generation, now)
+        };
         for obj in &snap.asgs {
             let id = ObjectRef::new(obj.namespace().unwrap_or_default(), obj.name_any());
             if snap.terminating(&id.namespace) {
                 continue;
             }
-            let conds = status::asg_conditions(built.asg_errors.get(&id));
-            let observed_conditions = obj
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            let conditions =
-                status::conditions(observed_conditions, &conds, obj.metadata.generation, now);
+            let conditions = accepted_only(
+                obj.status.as_ref().map(|s| s.conditions.as_slice()),
+                built.asg_errors.get(&id),
+                obj.metadata.generation,
+            );
             let desired = status::asg_status(&res, &refs, &id, obj.metadata.generation, conditions);
             if desired == status::owned_asg_status(obj.status.as_ref()) {
                 continue;
@@ -441,14 +444,11 @@ impl Reconciler {
             .filter(|t| scope.is_none_or(|sel| sel.matches(t.labels())));
         for obj in tags {
             let name = obj.name_any();
-            let conds = status::asg_conditions(built.tag_errors.get(&name));
-            let observed_conditions = obj
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            let conditions =
-                status::conditions(observed_conditions, &conds, obj.metadata.generation, now);
+            let conditions = accepted_only(
+                obj.status.as_ref().map(|s| s.conditions.as_slice()),
+                built.tag_errors.get(&name),
+                obj.metadata.generation,
+            );
             let desired =
                 status::tag_status(&res, &refs, &name, obj.metadata.generation, conditions);
             if desired == status::owned_tag_status(obj.status.as_ref()) {

@@ -29,7 +29,7 @@ use crate::model::{
     AddressPrefix, AsgRef, Direction, Endpoint, Nsg, ObjectRef, PortRange, SecurityRule,
     ValidationErrors, WellKnownTag,
 };
-use crate::resolve::{Level, Resolved};
+use crate::resolve::{Level, Resolved, Unresolved};
 
 pub const ACCEPTED: &str = "Accepted";
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
@@ -244,7 +244,7 @@ fn effective_rule(
     sums: &Summaries,
     rule: &SecurityRule,
     fidelity: Option<&BTreeMap<String, Fidelity>>,
-    unresolved: &[crate::resolve::Unresolved],
+    unresolved: &[Unresolved],
 ) -> EffectiveRule {
     EffectiveRule {
         name: rule.name.clone(),
@@ -268,15 +268,7 @@ fn effective_rule(
         fidelity: fidelity
             .and_then(|f| f.get(&rule.name))
             .map(|f| f.text.to_string()),
-        unresolved: if rule.is_default {
-            vec![]
-        } else {
-            unresolved
-                .iter()
-                .filter(|u| u.rule == rule.name)
-                .map(|u| format!("{}: {}", u.field, u.reference))
-                .collect()
-        },
+        unresolved: Unresolved::of_rule(unresolved, rule),
     }
 }
 

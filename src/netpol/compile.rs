@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::model::{
     Access, AsgRef, Direction, Endpoint, IntervalSet, IpSet, NIC_NSG_LABEL, SecurityRule,
 };
-use crate::resolve::{Level, Resolved};
+use crate::resolve::{Level, Resolved, Unresolved};
 
 use super::peers::{PodClass, Term, Want, asg_selector, class_peers, cover_classes, ip_blocks};
 use super::ports::{Bits, NpPorts, PortSpace};
@@ -232,15 +232,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 let mut idx = Vec::new();
                 for rule in nsg.rules_for(direction) {
                     idx.push(reports.len());
-                    let refs = if rule.is_default {
-                        vec![]
-                    } else {
-                        unresolved
-                            .iter()
-                            .filter(|u| u.rule == rule.name)
-                            .map(|u| format!("{}: {}", u.field, u.reference))
-                            .collect()
-                    };
+                    let refs = Unresolved::of_rule(&unresolved, &rule);
                     reports.push(RuleReport {
                         nsg: nsg.id.clone(),
                         rule: rule.name.clone(),
