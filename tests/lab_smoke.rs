@@ -8,6 +8,8 @@
 #[path = "lab/mod.rs"]
 mod lab;
 
+mod agent_support;
+
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -18,46 +20,14 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube_nsg::model::Access;
 
+use agent_support::{KUBECONFIG, client};
 use lab::continuous::always;
 use lab::{ContinuousSpec, Expectation, Lab, Outcome, ProbeSpec, Target};
 
-const KUBECONFIG: &str = "/tmp/kube-nsg-cluster/kubeconfig";
 const DB1: &str = "10.244.1.31";
 
 /// One test at a time in this binary: they share the machine's one lab.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    assert_eq!(
-        uid, "0",
-        "the lab tests need root (network namespaces, veths, routes, nftables): run \
-         `cargo test` as root"
-    );
-}
-
-async fn client() -> kube::Client {
-    require_root();
-    let out = Command::new("bash")
-        .arg("tests/cluster/up.sh")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("running tests/cluster/up.sh");
-    assert!(
-        out.status.success(),
-        "tests/cluster/up.sh could not start the local control plane:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lab::cluster::client(Path::new(KUBECONFIG))
-        .await
-        .expect("a client for the local control plane")
-}
 
 /// examples/three-tier with its namespace renamed, so this test's objects are its own on a
 /// control plane others may use at the same time.

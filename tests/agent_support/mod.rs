@@ -1,7 +1,7 @@
 //! Running the real `kube-nsg` binary (agent, controller) as host processes next to the lab,
-//! for tests/agent_e2e.rs and benches/agent_latency.rs. Needs root and the local control
-//! plane (tests/cluster/up.sh, started here).
-#![allow(dead_code)] // the test and the bench each use their part
+//! for tests/agent_e2e.rs, tests/lab_smoke.rs and benches/agent_latency.rs. Needs root and
+//! the local control plane (tests/cluster/up.sh, started here).
+#![allow(dead_code)] // each test and the bench use their part
 
 pub mod random;
 
@@ -37,8 +37,8 @@ pub fn require_root() {
         .unwrap_or("?");
     assert_eq!(
         uid, "0",
-        "the agent end-to-end tests need root (network namespaces, veths, routes, nftables): \
-         run `cargo test` as root"
+        "the lab's tests need root (network namespaces, veths, routes, nftables): run \
+         `cargo test` as root"
     );
 }
 
