@@ -5,8 +5,10 @@
 //!
 //! # Design
 //!
-//! - One loop: a change wakes it, it waits `--debounce` so bursts coalesce, snapshots the
-//!   inputs, builds the model inventory, and compiles and applies in a blocking task. The
+//! - One loop: a change wakes it; it snapshots the inputs, builds the model inventory, and
+//!   compiles and applies in a blocking task. A change after a quiet spell is applied at
+//!   once; one within `--debounce` of the last sync waits out the rest of it, so a burst
+//!   coalesces into one more sync instead of one per change. The
 //!   first apply after a start replaces the whole table in one transaction; later ones
 //!   change set elements only when that is all that differs (pod churn, memberships), else
 //!   replace the table atomically again.
@@ -78,7 +80,8 @@ pub struct AgentArgs {
     /// Sync this often even without changes, and repair a table someone else changed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
-    /// Wait this long after a change before syncing, so bursts of changes coalesce.
+    /// The least time from one sync to the next for changes: a change after a quiet spell
+    /// is applied at once; the changes that follow within this coalesce into one sync.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub debounce: Duration,
     /// Read the per-rule nftables counters (and check the table for drift) this often.
@@ -386,6 +389,8 @@ impl Agent {
         let mut next_resync = tokio::time::Instant::now() + settings.resync_interval;
         let mut wake = Wake::Change;
         let mut first = true;
+        // When the last sync ended: a change waits until `debounce` after it.
+        let mut last_sync = tokio::time::Instant::now();
         loop {
             if !first {
                 let retry_sleep = async {
@@ -404,12 +409,12 @@ impl Agent {
                 if wake == Wake::Change {
                     tokio::select! {
                         _ = &mut stop => break,
-                        _ = tokio::time::sleep(settings.debounce) => {}
+                        _ = tokio::time::sleep_until(last_sync + settings.debounce) => {}
                     }
                 }
             }
             first = false;
-            // Changes that arrived during the debounce are in the snapshot about to be taken.
+            // Changes that arrived while waiting are in the snapshot about to be taken.
             let _ = source.changed().notified().now_or_never();
             if wake != Wake::Change {
                 next_resync = tokio::time::Instant::now() + settings.resync_interval;
@@ -422,7 +427,9 @@ impl Agent {
             if !check_drift && retry.is_none() && last.as_ref() == Some(&inv) {
                 continue;
             }
-            match self.sync_once(inv.clone(), check_drift).await {
+            let result = self.sync_once(inv.clone(), check_drift).await;
+            last_sync = tokio::time::Instant::now();
+            match result {
                 Ok(_) => {
                     retry = None;
                     last = Some(inv);

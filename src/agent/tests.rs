@@ -240,7 +240,7 @@ async fn the_loop_waits_for_the_inputs_debounces_and_resyncs() {
     );
     assert!(a.programmed.borrow().is_none());
 
-    // A burst of changes: one sync.
+    // The same view twice: one sync.
     let inv = three_tier();
     source.set(Some(inv.clone()));
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -265,6 +265,60 @@ async fn the_loop_waits_for_the_inputs_debounces_and_resyncs() {
     source.set(None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.scripts().len(), 2);
+    stop_tx.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_change_after_a_quiet_spell_applies_at_once_and_a_burst_coalesces() {
+    let fake = Arc::new(FakeNft::default());
+    let a = agent(&fake);
+    // Views whose tables differ: the first rule's priority moved.
+    let view = |shift: u32| {
+        let mut inv = three_tier();
+        inv.nsgs[0].rules[0].priority += shift;
+        Some(inv)
+    };
+    let source = FakeSource::new(view(0));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let debounce = Duration::from_secs(1);
+    let settings = LoopSettings {
+        debounce,
+        resync_interval: Duration::from_secs(3600),
+    };
+    let loop_agent = a.clone();
+    let src: Arc<dyn Source> = source.clone();
+    let task = tokio::spawn(async move {
+        loop_agent
+            .run_loop(&*src, settings, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    wait_for(|| fake.scripts().len() == 1).await;
+
+    // After a quiet spell longer than the debounce, a change does not wait for it.
+    tokio::time::sleep(debounce + Duration::from_millis(200)).await;
+    let changed = std::time::Instant::now();
+    source.set(view(1));
+    wait_for(|| fake.scripts().len() == 2).await;
+    assert!(changed.elapsed() < debounce, "{:?}", changed.elapsed());
+
+    // Two changes right after that sync wait out the debounce and make one sync.
+    source.set(view(2));
+    source.set(view(3));
+    tokio::time::sleep(debounce / 2).await;
+    assert_eq!(fake.scripts().len(), 2, "waiting out the debounce");
+    wait_for(|| fake.scripts().len() == 3).await;
+    tokio::time::sleep(debounce + Duration::from_millis(200)).await;
+    assert_eq!(fake.scripts().len(), 3);
+    let last = fake.scripts().pop().unwrap();
+    let expected = nft::render_replace(&nft::compile_with(
+        &Resolved::new(&view(3).unwrap()),
+        Some("node-1"),
+        &CompileOptions::default(),
+    ));
+    assert_eq!(last, expected, "the burst's last view is applied");
     stop_tx.send(()).unwrap();
     task.await.unwrap();
 }
