@@ -219,20 +219,11 @@ async fn the_loop_waits_for_the_inputs_debounces_and_resyncs() {
     let fake = Arc::new(FakeNft::default());
     let a = agent(&fake);
     let source = FakeSource::new(None);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let settings = LoopSettings {
         debounce: Duration::from_millis(50),
         resync_interval: Duration::from_millis(1500),
     };
-    let loop_agent = a.clone();
-    let src: Arc<dyn Source> = source.clone();
-    let task = tokio::spawn(async move {
-        loop_agent
-            .run_loop(&*src, settings, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, task) = spawn_loop(&a, &source, settings);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         fake.scripts().is_empty(),
@@ -280,21 +271,12 @@ async fn a_change_after_a_quiet_spell_applies_at_once_and_a_burst_coalesces() {
         Some(inv)
     };
     let source = FakeSource::new(view(0));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let debounce = Duration::from_secs(1);
     let settings = LoopSettings {
         debounce,
         resync_interval: Duration::from_secs(3600),
     };
-    let loop_agent = a.clone();
-    let src: Arc<dyn Source> = source.clone();
-    let task = tokio::spawn(async move {
-        loop_agent
-            .run_loop(&*src, settings, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, task) = spawn_loop(&a, &source, settings);
     wait_for(|| fake.scripts().len() == 1).await;
 
     // After a quiet spell longer than the debounce, a change does not wait for it.
@@ -321,6 +303,27 @@ async fn a_change_after_a_quiet_spell_applies_at_once_and_a_burst_coalesces() {
     assert_eq!(last, expected, "the burst's last view is applied");
     stop_tx.send(()).unwrap();
     task.await.unwrap();
+}
+
+/// Runs the agent's loop on `source` until the sender is used (or dropped).
+fn spawn_loop(
+    a: &Agent,
+    source: &Arc<FakeSource>,
+    settings: LoopSettings,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let a = a.clone();
+    let src: Arc<dyn Source> = source.clone();
+    let task = tokio::spawn(async move {
+        a.run_loop(&*src, settings, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    (stop_tx, task)
 }
 
 async fn wait_for(cond: impl Fn() -> bool) {
