@@ -125,22 +125,12 @@ impl<'a> Resolved<'a> {
         let mut members: BTreeMap<AsgRef, BTreeSet<usize>> = inv
             .asgs
             .iter()
-            .map(|a| {
-                (
-                    AsgRef {
-                        namespace: a.id.namespace.clone(),
-                        name: a.id.name.clone(),
-                    },
-                    BTreeSet::new(),
-                )
-            })
+            .map(|a| (AsgRef::from(&a.id), BTreeSet::new()))
             .collect();
         for asg in &inv.asgs {
-            let key = AsgRef {
-                namespace: asg.id.namespace.clone(),
-                name: asg.id.name.clone(),
-            };
-            let set = members.get_mut(&key).expect("inserted above");
+            let set = members
+                .get_mut(&AsgRef::from(&asg.id))
+                .expect("inserted above");
             for (p, pod) in inv.pods.iter().enumerate() {
                 if pod.id.namespace != asg.id.namespace {
                     continue;

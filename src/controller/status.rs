@@ -573,10 +573,7 @@ pub fn asg_status(
     generation: Option<i64>,
     conditions: Vec<Condition>,
 ) -> ApplicationSecurityGroupStatus {
-    let key = AsgRef {
-        namespace: id.namespace.clone(),
-        name: id.name.clone(),
-    };
+    let key = AsgRef::from(id);
     let mut members: Vec<String> = res
         .members(&key)
         .map(|p| res.inv.pods[p].id.name.clone())

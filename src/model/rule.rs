@@ -60,6 +60,16 @@ pub struct AsgRef {
     pub name: String,
 }
 
+/// The reference to an ASG object.
+impl From<&ObjectRef> for AsgRef {
+    fn from(id: &ObjectRef) -> Self {
+        AsgRef {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for AsgRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

@@ -82,10 +82,7 @@ pub fn update_pods(
     }
     // Of the named sets, only the ASGs' move with pods.
     for asg in &inventory.asgs {
-        let asg = AsgRef {
-            namespace: asg.id.namespace.clone(),
-            name: asg.id.name.clone(),
-        };
+        let asg = AsgRef::from(&asg.id);
         if table.set(&format!("{}.v4", asg_stem(&asg))).is_some() {
             c.declare_asg(&asg);
         }
