@@ -98,13 +98,10 @@ fn three_tier_rule_added_replaces_the_table() {
     extra.priority = 105;
     extra.destination_ports = vec!["443".parse().unwrap()];
     after.nsgs[0].rules.push(extra);
-    let update = nft::render_update(
-        Some(&compile(&before, Layout::Maps)),
-        &compile(&after, Layout::Maps),
-    );
-    let Update::Replace(script) = update else {
-        panic!("expected a replacement, got {update:?}")
-    };
+    let new = compile(&after, Layout::Maps);
+    let update = nft::render_update(Some(&compile(&before, Layout::Maps)), &new);
+    assert_eq!(update, Update::Replace);
+    let script = nft::render_replace(&new);
     assert!(
         script.starts_with(
             "table inet kube-nsg\ndelete table inet kube-nsg\ntable inet kube-nsg {\n"

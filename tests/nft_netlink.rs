@@ -252,6 +252,7 @@ fn value_maps_and_a_missing_set() {
             key: addr.to_vec(),
             key_end: None,
             data: mark.map(|m| Data::Value(m.to_ne_bytes().to_vec())),
+            interval_end: false,
         }],
     };
     netlink::apply("nv", &[add("marks", [10, 0, 0, 1], Some(0x10))]).unwrap();

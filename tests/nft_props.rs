@@ -208,7 +208,7 @@ proptest! {
         let new = nft::compile(&Resolved::new(&changed), None);
         match nft::render_update(Some(&old), &new) {
             Update::Unchanged => prop_assert_eq!(&old, &new),
-            Update::Replace(_) => prop_assert!(!old.same_structure(&new)),
+            Update::Replace => prop_assert!(!old.same_structure(&new)),
             Update::Elements(update) => {
                 prop_assert!(old.same_structure(&new));
                 prop_assert_eq!(apply_elements(&old, &update.script()), new);

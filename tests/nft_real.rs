@@ -86,6 +86,41 @@ fn list(table: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A table loaded over netlink (`Nft::replace`, the agent's path) lists exactly as its text
+/// loaded by `nft -f`, for both layouts of random clusters, IPv6 included.
+#[test]
+fn tables_loaded_over_netlink_list_as_their_text() {
+    require_nft();
+    let nft = NftCommand::default();
+    let t = table("load");
+    let mut inventories: Vec<Inventory> = samples(common::busy_inventory(), 30);
+    inventories.extend(samples(common::inventory(), 10));
+    inventories.push(nft_support::examples::three_tier());
+    for (i, inv) in inventories.iter().enumerate() {
+        let res = Resolved::new(inv);
+        for layout in [Layout::Maps, Layout::Linear] {
+            let rs = nft::compile_with(&res, None, &opts(&t, layout));
+            nft.replace(&rs)
+                .unwrap_or_else(|e| panic!("case {i} ({layout:?}): {e}"));
+            let loaded = list(&t);
+            nft.apply(&nft::render_replace(&rs)).unwrap();
+            let text = list(&t);
+            let diff: Vec<String> = loaded
+                .lines()
+                .zip(text.lines())
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| format!("netlink: {a}\nnft -f:  {b}"))
+                .collect();
+            assert!(
+                loaded == text,
+                "case {i} ({layout:?}):\n{}",
+                diff.join("\n")
+            );
+        }
+    }
+    nft::delete_table(&nft, &t).unwrap();
+}
+
 /// An element update, as a script and as the agent applies it, leaves the kernel with exactly
 /// what loading the new table whole gives.
 #[test]

@@ -1,5 +1,5 @@
-//! Applying scripts through `nft` (element updates over netlink), and reading the per-rule
-//! counters back. Synchronous: the agent calls it from a blocking task.
+//! Applying tables and element updates (over netlink; scripts through `nft`), and reading
+//! the per-rule counters back. Synchronous: the agent calls it from a blocking task.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -33,6 +33,10 @@ pub enum NftError {
 pub trait Nft {
     /// Runs `script` as `nft -f` does: one transaction, all or nothing.
     fn apply(&self, script: &str) -> Result<(), NftError>;
+    /// Makes the table exactly `rs` in one transaction; by default as its script.
+    fn replace(&self, rs: &Ruleset) -> Result<(), NftError> {
+        self.apply(&render_replace(rs))
+    }
     /// Applies an element-only update in one transaction; by default as its script.
     fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
         self.apply(&update.script())
@@ -41,7 +45,8 @@ pub trait Nft {
     fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError>;
 }
 
-/// The real thing: runs the `nft` program; element updates go over netlink.
+/// The real thing: tables and element updates go over netlink, scripts and listings through
+/// the `nft` program.
 #[derive(Debug, Clone)]
 pub struct NftCommand {
     pub program: String,
@@ -113,6 +118,21 @@ impl Nft for NftCommand {
             Ok(())
         } else {
             Err(rejected(&out))
+        }
+    }
+
+    /// Over netlink: nft would spend longer parsing a large table's text than the kernel
+    /// takes to load it. Checks (`-c`) and batches too large for the socket's send buffer
+    /// (without CAP_NET_ADMIN) go through `nft -f`.
+    fn replace(&self, rs: &Ruleset) -> Result<(), NftError> {
+        if self.check_only {
+            return self.apply(&render_replace(rs));
+        }
+        match netlink::replace(rs) {
+            Err(NftError::Netlink(e)) if e.raw_os_error() == Some(netlink::EMSGSIZE) => {
+                self.apply(&render_replace(rs))
+            }
+            done => done,
         }
     }
 
@@ -201,13 +221,13 @@ pub fn sync(
             Ok(()) => Applied::Elements,
             Err(_) => {
                 *current = None;
-                nft.apply(&render_replace(&new))?;
+                nft.replace(&new)?;
                 Applied::Replaced
             }
         },
-        Update::Replace(script) => {
+        Update::Replace => {
             *current = None;
-            nft.apply(&script)?;
+            nft.replace(&new)?;
             Applied::Replaced
         }
     };

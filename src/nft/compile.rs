@@ -516,7 +516,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     vec![],
                     Action::Vmap {
                         key: vec![Field::Addr(fam, side)],
-                        map: MapRef::Named(dispatch_map(d, fam)),
+                        map: dispatch_map(d, fam),
                     },
                 )
             })
@@ -1044,7 +1044,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                         vec![],
                         Action::Vmap {
                             key: vec![Field::Addr(fam, peer_side(d))],
-                            map: MapRef::Named(map),
+                            map,
                         },
                     ));
                 }
@@ -1520,10 +1520,7 @@ fn class_chain(
         }
         out.push(Rule::new(
             vec![Match::L4Proto(vec![p])],
-            Action::Vmap {
-                key,
-                map: MapRef::Named(map),
-            },
+            Action::Vmap { key, map },
         ));
     }
     let icmp = |i: usize| {

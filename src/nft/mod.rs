@@ -1,6 +1,6 @@
 //! The nftables dataplane: one node's pods' groups compiled into one `inet` table that the
 //! agent owns and replaces atomically. Pure except for `apply`, which runs the `nft` program,
-//! and `netlink`, which sends element updates to the kernel.
+//! and `netlink`, which sends tables and element updates to the kernel.
 //!
 //! # Path of a packet (`compile`, layout `Maps`)
 //!

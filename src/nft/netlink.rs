@@ -1,17 +1,21 @@
-//! Element updates sent straight to the kernel over netlink (nfnetlink, nf_tables), without
-//! the `nft` program. Why: for any `add element`, nft 1.0.6 first fetches every element of
-//! every interval set in the ruleset into its cache, so one membership change next to a large
-//! table took ~100 ms in userspace; the kernel itself needs well under a millisecond.
+//! Changes sent straight to the kernel over netlink (nfnetlink, nf_tables), without the `nft`
+//! program: element updates, and whole tables (`table`). Why: for any `add element`, nft
+//! 1.0.6 first fetches every element of every interval set in the ruleset into its cache, so
+//! one membership change next to a large table took ~100 ms in userspace, and loading a large
+//! table spent longer in nft's parser than in the kernel; the kernel itself needs well under a
+//! millisecond for the one, and most of the load for the other.
 //!
-//! One update is one batch (`NFNL_MSG_BATCH_BEGIN`, the `NFT_MSG_DELSETELEM` and
-//! `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`): one transaction, all or nothing.
-//! Every message asks for an acknowledgement; the kernel handles the batch within `send`, so
-//! all answers are queued when it returns.
+//! One change is one batch (`NFNL_MSG_BATCH_BEGIN`, the nf_tables messages,
+//! `NFNL_MSG_BATCH_END`): one transaction, all or nothing. The kernel handles the batch within
+//! `send` and answers every message that fails, naming it by sequence number; the last
+//! message asks for an acknowledgement, so success is an answer too.
 //!
-//! Generic over the sets of one `inet` table: keys of any fixed-size fields (concatenations
-//! included), ranges of concatenated interval (pipapo) sets, and verdict or value data.
-//! Single-field interval (rbtree) sets keep ranges as start and end elements: [`ops`] leaves
-//! those updates to `nft`.
+//! Element updates are generic over the sets of one `inet` table: keys of any fixed-size
+//! fields (concatenations included), ranges of concatenated interval (pipapo) sets, and
+//! verdict or value data. Single-field interval (rbtree) sets keep ranges as start and end
+//! elements: [`ops`] leaves those updates to `nft`; a whole table encodes them.
+
+mod table;
 
 use std::io::ErrorKind;
 
@@ -19,7 +23,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 use super::apply::NftError;
 use super::render::{ElementUpdate, SetChange};
-use super::ruleset::{Element, KeyType, Span, Verdict};
+use super::ruleset::{Element, KeyType, Ruleset, Span, Verdict};
 
 /// What a map element maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub struct Elem {
     pub key_end: Option<Vec<u8>>,
     /// Ignored when deleting (the kernel finds an element by its key).
     pub data: Option<Data>,
+    /// In a single-field interval (rbtree) set: the first key after an interval, which the
+    /// kernel keeps as an element of its own.
+    pub interval_end: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +120,11 @@ fn elem(change: &SetChange, e: &Element) -> Option<Elem> {
         key: key(&fields(false)),
         key_end: change.interval.then(|| key(&fields(true))),
         data: e.verdict.clone().map(Data::Verdict),
+        interval_end: false,
     })
 }
 
-fn field(v: u128, t: KeyType) -> Vec<u8> {
+pub(super) fn field(v: u128, t: KeyType) -> Vec<u8> {
     match t {
         KeyType::Ipv4 => (v as u32).to_be_bytes().to_vec(),
         KeyType::Ipv6 => v.to_be_bytes().to_vec(),
@@ -140,6 +148,9 @@ const NFPROTO_INET: u8 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
@@ -151,6 +162,8 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 /// An attribute's length is a u16: a message carries at most this many bytes of elements,
 /// a larger list is split over several messages of the same batch.
 const MAX_ELEMENTS_BYTES: usize = 60_000;
+/// Linux's default socket send buffer (`net.core.wmem_default`), bytes.
+const DEFAULT_SEND_BUFFER: usize = 212_992;
 /// Linux's errno for a message larger than the socket's send buffer.
 pub const EMSGSIZE: i32 = 90;
 
@@ -168,6 +181,14 @@ impl Attrs {
 
     fn put_str(&mut self, ty: u16, s: &str) {
         self.put(ty, &[s.as_bytes(), &[0]].concat());
+    }
+
+    fn put_u32(&mut self, ty: u16, v: u32) {
+        self.put(ty, &v.to_be_bytes());
+    }
+
+    fn put_nested(&mut self, ty: u16, encoded: &[u8]) {
+        self.nest(ty, |a| a.0.extend_from_slice(encoded));
     }
 
     fn nest(&mut self, ty: u16, body: impl FnOnce(&mut Attrs)) {
@@ -203,6 +224,9 @@ impl Attrs {
 fn encode_elem(e: &Elem, op: Op) -> Vec<u8> {
     let mut a = Attrs(Vec::new());
     a.nest(NFTA_LIST_ELEM, |a| {
+        if e.interval_end {
+            a.put_u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+        }
         a.data(NFTA_SET_ELEM_KEY, &Data::Value(e.key.clone()));
         if let Some(end) = &e.key_end {
             a.data(NFTA_SET_ELEM_KEY_END, &Data::Value(end.clone()));
@@ -225,75 +249,117 @@ fn message(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id:
     out.extend_from_slice(body);
 }
 
-/// An encoded batch and, per acknowledged message (sequence numbers 1..), what it does.
+/// An encoded batch (one transaction) and, per message (sequence numbers 1..), what it does.
 pub struct Batch {
     pub bytes: Vec<u8>,
     pub messages: Vec<String>,
+    /// Where the last message starts: `end` asks for its acknowledgement.
+    last: usize,
+}
+
+impl Batch {
+    fn begin() -> Batch {
+        let mut bytes = Vec::new();
+        message(
+            &mut bytes,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            0,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        Batch {
+            bytes,
+            messages: Vec::new(),
+            last: 0,
+        }
+    }
+
+    /// Appends one nf_tables message of type `ty`; `what` names it in errors.
+    fn push(&mut self, ty: u16, flags: u16, body: &[u8], what: String) {
+        self.messages.push(what);
+        self.last = self.bytes.len();
+        let seq = self.messages.len() as u32;
+        let ty = (NFNL_SUBSYS_NFTABLES << 8) | ty;
+        message(
+            &mut self.bytes,
+            ty,
+            NLM_F_REQUEST | flags,
+            seq,
+            NFPROTO_INET,
+            0,
+            body,
+        );
+    }
+
+    /// Only the last message is acknowledged: the kernel answers every message that fails
+    /// anyway, and an acknowledgement per message of a whole table would overflow the
+    /// socket's receive buffer.
+    fn end(mut self) -> Batch {
+        if !self.messages.is_empty() {
+            let flags = self.last + 6..self.last + 8;
+            let acked =
+                u16::from_ne_bytes(self.bytes[flags.clone()].try_into().unwrap()) | NLM_F_ACK;
+            self.bytes[flags].copy_from_slice(&acked.to_ne_bytes());
+        }
+        let seq = self.messages.len() as u32 + 1;
+        message(
+            &mut self.bytes,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        self
+    }
 }
 
 /// Encodes `ops` on the sets of table `inet TABLE` as one batch.
 pub fn batch(table: &str, ops: &[SetElems]) -> Batch {
-    let mut bytes = Vec::new();
-    let mut messages = Vec::new();
-    message(
-        &mut bytes,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        0,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
+    let mut b = Batch::begin();
     for op in ops {
-        let (ty, flags, verb) = match op.op {
-            Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "adding"),
-            Op::Delete => (NFT_MSG_DELSETELEM, 0, "deleting"),
-        };
-        let encoded: Vec<Vec<u8>> = op.elems.iter().map(|e| encode_elem(e, op.op)).collect();
-        let mut rest = &encoded[..];
-        while !rest.is_empty() {
-            let mut size = 0;
-            let n = rest
-                .iter()
-                .take_while(|e| {
-                    size += e.len();
-                    size <= MAX_ELEMENTS_BYTES
-                })
-                .count()
-                .max(1);
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
-            let mut a = Attrs(Vec::new());
-            a.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
-            a.put_str(NFTA_SET_ELEM_LIST_SET, &op.set);
-            a.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |a| {
-                chunk.iter().for_each(|e| a.0.extend_from_slice(e))
-            });
-            messages.push(format!(
-                "{verb} {} element(s) of set {} in table inet {table}",
-                n, op.set
-            ));
-            message(
-                &mut bytes,
-                (NFNL_SUBSYS_NFTABLES << 8) | ty,
-                NLM_F_REQUEST | NLM_F_ACK | flags,
-                messages.len() as u32,
-                NFPROTO_INET,
-                0,
-                &a.0,
-            );
-        }
+        set_elements(&mut b, table, &op.set, None, op.op, &op.elems);
     }
-    message(
-        &mut bytes,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        messages.len() as u32 + 1,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    Batch { bytes, messages }
+    b.end()
+}
+
+/// Appends the messages that add or delete `elems` in one set: a large list is split over
+/// several messages (an attribute's length is a u16). A set created in the same batch is
+/// also named by its `id`.
+fn set_elements(b: &mut Batch, table: &str, set: &str, id: Option<u32>, op: Op, elems: &[Elem]) {
+    let (ty, flags, verb) = match op {
+        Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "adding"),
+        Op::Delete => (NFT_MSG_DELSETELEM, 0, "deleting"),
+    };
+    let mut list = Attrs(Vec::new());
+    let mut n = 0;
+    let mut flush = |list: &mut Attrs, n: &mut usize| {
+        let mut a = Attrs(Vec::new());
+        a.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        a.put_str(NFTA_SET_ELEM_LIST_SET, set);
+        if let Some(id) = id {
+            a.put(NFTA_SET_ELEM_LIST_SET_ID, &id.to_be_bytes());
+        }
+        a.put_nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list.0);
+        let what = format!("{verb} {n} element(s) of set {set} in table inet {table}");
+        b.push(ty, flags, &a.0, what);
+        list.0.clear();
+        *n = 0;
+    };
+    for e in elems {
+        let encoded = encode_elem(e, op);
+        if n > 0 && list.0.len() + encoded.len() > MAX_ELEMENTS_BYTES {
+            flush(&mut list, &mut n);
+        }
+        list.0.extend_from_slice(&encoded);
+        n += 1;
+    }
+    if n > 0 {
+        flush(&mut list, &mut n);
+    }
 }
 
 /// The (sequence number, error) of every acknowledgement or error in one datagram.
@@ -313,16 +379,32 @@ fn answers(mut buf: &[u8]) -> Vec<(u32, i32)> {
 /// Applies `ops` to table `inet TABLE` in one transaction. An error names the message the
 /// kernel rejected; the table is then unchanged.
 pub fn apply(table: &str, ops: &[SetElems]) -> Result<(), NftError> {
-    let batch = batch(table, ops);
+    send(&batch(table, ops))
+}
+
+/// Makes table `inet TABLE` exactly `rs` in one transaction, as `nft -f` of its
+/// `render_replace` script does.
+pub fn replace(rs: &Ruleset) -> Result<(), NftError> {
+    send(&table::replace(rs))
+}
+
+/// Sends one batch and waits for its outcome. The kernel handles a batch within `send`, so
+/// every answer is queued when it returns.
+pub fn send(batch: &Batch) -> Result<(), NftError> {
     let io = NftError::Netlink;
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
     socket.bind_auto().map_err(io)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(io)?;
     // Errors without the rejected message echoed back: they stay small.
     socket.set_cap_ack(true).map_err(io)?;
+    if batch.bytes.len() > DEFAULT_SEND_BUFFER {
+        // A batch is one datagram. Raising the buffer past the system's limit needs
+        // CAP_NET_ADMIN, which nftables needs anyway; without it `send` says EMSGSIZE.
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, batch.bytes.len());
+    }
     socket.send(&batch.bytes, 0).map_err(io)?;
     socket.set_non_blocking(true).map_err(io)?;
-    let mut acked = vec![false; batch.messages.len()];
+    let mut acked = false;
     let mut buf = Vec::with_capacity(1 << 16);
     loop {
         buf.clear();
@@ -332,26 +414,25 @@ pub fn apply(table: &str, ops: &[SetElems]) -> Result<(), NftError> {
             Err(e) => return Err(io(e)),
         }
         for (seq, err) in answers(&buf) {
-            let what = seq
-                .checked_sub(1)
-                .and_then(|i| batch.messages.get(i as usize));
             if err != 0 {
+                let what = seq
+                    .checked_sub(1)
+                    .and_then(|i| batch.messages.get(i as usize));
                 return Err(NftError::Kernel {
                     what: what.cloned().unwrap_or_else(|| "the transaction".into()),
                     source: std::io::Error::from_raw_os_error(-err),
                 });
             }
-            if let Some(a) = (seq as usize).checked_sub(1).and_then(|i| acked.get_mut(i)) {
-                *a = true;
-            }
+            acked |= seq as usize == batch.messages.len();
         }
     }
-    match acked.iter().filter(|a| !**a).count() {
-        0 => Ok(()),
-        n => Err(NftError::Netlink(std::io::Error::other(format!(
-            "no answer from the kernel to {n} of {} messages",
-            acked.len()
-        )))),
+    if acked || batch.messages.is_empty() {
+        Ok(())
+    } else {
+        Err(NftError::Netlink(std::io::Error::other(format!(
+            "no answer from the kernel to a batch of {} messages",
+            batch.messages.len()
+        ))))
     }
 }
 
@@ -379,6 +460,7 @@ mod tests {
                 key: key(&[vec![10, 0, 0, 1], vec![6], vec![0, 80]]),
                 key_end: None,
                 data: Some(Data::Verdict(Verdict::Goto("c".into()))),
+                interval_end: false,
             }],
         }];
         let b = batch("t", &ops);
@@ -431,6 +513,7 @@ mod tests {
             key: vec![10, 0, 0, 0, 0, 80, 0, 0],
             key_end: Some(vec![10, 0, 0, 255, 0, 90, 0, 0]),
             data: Some(Data::Value(vec![1, 0, 0, 0])),
+            interval_end: false,
         };
         let del = encode_elem(&e, Op::Delete);
         assert_eq!(del.len(), 4 + 2 * (4 + 4 + 8));
@@ -444,6 +527,7 @@ mod tests {
                 key: i.to_be_bytes().to_vec(),
                 key_end: None,
                 data: None,
+                interval_end: false,
             })
             .collect();
         let b = batch(

@@ -50,8 +50,8 @@ pub enum Update {
     Unchanged,
     /// Only set and map elements differ: pod churn and membership changes.
     Elements(ElementUpdate),
-    /// Chains or set declarations differ: the whole table, atomically.
-    Replace(String),
+    /// Chains or set declarations differ: the whole table, atomically (`Nft::replace`).
+    Replace,
 }
 
 /// Element changes of one table, applied as one transaction.
@@ -104,7 +104,7 @@ impl ElementUpdate {
 /// The smallest update from `old` (what the kernel has; `None`: unknown) to `new`.
 pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
     let Some(old) = old.filter(|o| o.same_structure(new)) else {
-        return Update::Replace(render_replace(new));
+        return Update::Replace;
     };
     let mut sets = Vec::new();
     for (o, n) in old.sets.iter().zip(&new.sets) {
@@ -225,15 +225,7 @@ pub fn rule_text(rule: &Rule) -> String {
         Action::Verdict(v) => verdict(v),
         Action::Vmap { key, map } => {
             let fields: Vec<String> = key.iter().map(|f| field(*f)).collect();
-            let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
-            let map = match map {
-                MapRef::Named(n) => format!("@{n}"),
-                MapRef::Inline(elements) => {
-                    let items: Vec<String> = elements.iter().map(|e| element(e, &types)).collect();
-                    format!("{{ {} }}", items.join(", "))
-                }
-            };
-            format!("{} vmap {map}", fields.join(" . "))
+            format!("{} vmap @{map}", fields.join(" . "))
         }
     });
     if let Some(c) = &rule.comment {

@@ -170,19 +170,12 @@ pub enum Match {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum MapRef {
-    Named(String),
-    /// An anonymous map written into the rule.
-    Inline(Vec<Element>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Action {
     Verdict(Verdict),
-    /// `KEY vmap MAP`: no element matching means the rule does not match.
+    /// `KEY vmap @MAP` (a named map): no element matching means the rule does not match.
     Vmap {
         key: Vec<Field>,
-        map: MapRef,
+        map: String,
     },
 }
 

@@ -143,23 +143,14 @@ impl<'a> Vm<'a> {
             Action::Verdict(v) => self.check_target(v, at),
             Action::Vmap { key, map } => {
                 let types: Vec<KeyType> = key.iter().map(|f| f.key_type()).collect();
-                let elements = match map {
-                    MapRef::Named(n) => {
-                        let s = self
-                            .sets
-                            .get(n.as_str())
-                            .ok_or(format!("{at}: missing map {n}"))?;
-                        if !s.is_map || s.key != types {
-                            return Err(format!("{at}: map {n} does not take {types:?}"));
-                        }
-                        &s.elements
-                    }
-                    MapRef::Inline(e) => {
-                        check_elements(e, &types, true, at)?;
-                        e
-                    }
-                };
-                for e in elements {
+                let s = self
+                    .sets
+                    .get(map.as_str())
+                    .ok_or(format!("{at}: missing map {map}"))?;
+                if !s.is_map || s.key != types {
+                    return Err(format!("{at}: map {map} does not take {types:?}"));
+                }
+                for e in &s.elements {
                     self.check_target(e.verdict.as_ref().unwrap(), at)?;
                 }
                 Ok(())
@@ -206,11 +197,7 @@ impl<'a> Vm<'a> {
                     else {
                         continue; // a field of another family: the rule does not match
                     };
-                    let elements = match map {
-                        MapRef::Named(n) => &self.sets[n.as_str()].elements,
-                        MapRef::Inline(e) => e,
-                    };
-                    match lookup(elements, &k)? {
+                    match lookup(&self.sets[map.as_str()].elements, &k)? {
                         Some(e) => e.verdict.clone().unwrap(),
                         None => continue,
                     }
