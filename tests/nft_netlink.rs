@@ -1,7 +1,8 @@
-//! Element updates over netlink against the real kernel, each test in a network namespace of
-//! its own (the test binary runs itself again under `ip netns exec`). Tables are loaded with
-//! `nft -f`; updates go through netlink; every set is then listed and compared with the same
-//! table loaded whole by `nft -f`. Needs root, nft and iproute2; fails, never skips.
+//! Element updates and table loads over netlink against the real kernel, each test in a
+//! network namespace of its own (the test binary runs itself again under `ip netns exec`).
+//! Every set is then listed and compared with the same table loaded whole by `nft -f`
+//! (`nft_real` compares whole tables loaded both ways). Needs root, nft and iproute2; fails,
+//! never skips.
 
 use std::process::Command;
 
@@ -300,4 +301,34 @@ fn a_large_update_is_applied_whole() {
     assert_eq!(applied, Applied::Elements);
     assert_eq!(listed("set", "big", "a4").len(), 20_000);
     assert_equals_a_full_load(&large);
+}
+
+/// A table the kernel rejects (a rule jumps to a chain that does not exist) fails as one
+/// transaction: the error names the rule, and the table loaded before is still there, whole.
+#[test]
+fn a_rejected_table_names_the_rule_and_changes_nothing() {
+    if !in_own_netns("a_rejected_table_names_the_rule_and_changes_nothing") {
+        return;
+    }
+    let nftc = NftCommand::default();
+    let good = table("rj", 0);
+    nftc.replace(&good).unwrap();
+    let before = listed("set", "rj", "a4");
+    let mut bad = table("rj", 1);
+    bad.chains[1]
+        .rules
+        .push(nft::Rule::verdict(vec![], Verdict::Goto("missing".into())));
+    let err = nftc.replace(&bad).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, NftError::Kernel { .. }), "{err:?}");
+    assert!(
+        text.contains("rule 1 of chain c2 in table inet rj") && text.contains("No such file"),
+        "{text}"
+    );
+    assert_eq!(
+        listed("set", "rj", "a4"),
+        before,
+        "the old table is unchanged"
+    );
+    assert_equals_a_full_load(&good);
 }
