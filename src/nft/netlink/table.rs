@@ -21,7 +21,6 @@ const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_NEWSET: u16 = 9;
 const NLM_F_APPEND: u16 = 0x800;
 const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_TABLE_FLAGS: u16 = 2;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_CHAIN_HOOK: u16 = 4;
@@ -159,34 +158,18 @@ impl<'a> Loader<'a> {
         self.batch.push(ty, flags, &attrs.0, what);
     }
 
+    /// Adding the table first makes the delete succeed when it did not exist.
     fn replace_table(&mut self) {
         let t = self.table;
-        let table = |flags: bool| {
+        for (ty, flags, verb) in [
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, "adding"),
+            (NFT_MSG_DELTABLE, 0, "deleting"),
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, "adding"),
+        ] {
             let mut a = Attrs(Vec::new());
             a.put_str(NFTA_TABLE_NAME, t);
-            if flags {
-                a.put_u32(NFTA_TABLE_FLAGS, 0);
-            }
-            a
-        };
-        self.push(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            table(true),
-            format!("adding table inet {t}"),
-        );
-        self.push(
-            NFT_MSG_DELTABLE,
-            0,
-            table(false),
-            format!("deleting table inet {t}"),
-        );
-        self.push(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            table(true),
-            format!("adding table inet {t}"),
-        );
+            self.push(ty, flags, a, format!("{verb} table inet {t}"));
+        }
     }
 
     fn chain(&mut self, chain: &Chain) {
@@ -561,7 +544,8 @@ fn elems(elements: &[Element], types: &[KeyType], interval: bool) -> Vec<Elem> {
     out
 }
 
-/// nft's user data: one type-length-value.
+/// nft's user data: one type-length-value. Comments are at most 128 bytes (nft's limit, which
+/// the compiler keeps), so the length fits its byte.
 fn udata_str(ty: u8, s: &str) -> Vec<u8> {
     let mut v = vec![ty, (s.len() + 1) as u8];
     v.extend_from_slice(s.as_bytes());
