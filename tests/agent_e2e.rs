@@ -66,11 +66,10 @@ fn spec() -> ProbeSpec {
 
 /// Everything a test needs: the cluster, the CRDs, the report namespace, no table left by
 /// someone else.
-async fn setup(namespaces: &[&str]) -> kube::Client {
+async fn setup() -> kube::Client {
     let client = client().await;
-    for ns in namespaces {
-        wait_namespace_usable(ns);
-    }
+    // Also the test's own namespaces, when an earlier run used their names.
+    wait_no_namespace_terminating();
     ensure_crds();
     ensure_namespace(REPORT_NS);
     let _ = std::process::Command::new("nft")
@@ -100,7 +99,7 @@ async fn three_tier_matches_the_evaluator_replies_pass_and_hits_are_reported() {
     let t0 = Instant::now();
     let ns = unique("agent-e2e-3tier");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 71);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -221,7 +220,7 @@ async fn subnet_and_nic_matches_the_evaluator() {
         .map(|i| unique(&format!("agent-e2e-subnet{i}")))
         .collect();
     let [s1, s2, s3] = [names[0].as_str(), names[1].as_str(), names[2].as_str()];
-    let client = setup(&[s1, s2, s3]).await;
+    let client = setup().await;
     let dir = copy_example(
         "subnet-and-nic",
         "subnet-and-nic",
@@ -268,7 +267,7 @@ fn seeds() -> Vec<u64> {
 async fn random_scenarios_match_the_evaluator() {
     let _serial = SERIAL.lock().await;
     let layout = Layout::new(&unique("agent-e2e-rand"), 90);
-    let client = setup(&[&layout.a, &layout.b]).await;
+    let client = setup().await;
     let root = std::env::temp_dir().join("kube-nsg-agent-e2e-random");
     let _ = std::fs::remove_dir_all(&root);
     let pods = layout.write_pods(&root);
@@ -372,7 +371,7 @@ async fn removing_a_rule_keeps_established_connections() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-established");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 72);
     let lab = Lab::up(std::slice::from_ref(&dir), &client)
         .await
@@ -436,7 +435,7 @@ async fn an_agent_restart_leaks_no_denied_flow_and_breaks_no_allowed_one() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-restart");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 73);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -520,7 +519,7 @@ async fn deleting_an_nsg_restores_full_connectivity() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-delete");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 74);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -573,7 +572,7 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-churn");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 75);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -602,7 +601,25 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
         )
         .unwrap_or(0.0)
     };
-    let before = agent.metrics().await;
+    // Events of the setup may still be arriving (status and label writes): count from the
+    // moment the agent has compiled nothing for a second.
+    let settle = Instant::now();
+    let mut before = agent.metrics().await;
+    let mut still = Instant::now();
+    while still.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = agent.metrics().await;
+        let total = |m: &str| compiles(m, "full") + compiles(m, "pods");
+        if total(&now) != total(&before) {
+            still = Instant::now();
+        }
+        before = now;
+        assert!(
+            settle.elapsed() < Duration::from_secs(30),
+            "the agent kept compiling:\n{}",
+            agent.log_tail(30)
+        );
+    }
 
     // A new web pod elsewhere in the cluster (no network namespace: only its IP matters to
     // this node, as a member of asgweb): set elements change, the table is not replaced.
@@ -629,7 +646,8 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
             assert_eq!(
                 compiles(&now, "full"),
                 compiles(&before, "full"),
-                "pod churn compiled the table instead of updating it"
+                "pod churn compiled the table instead of updating it:\n{}",
+                agent.log_tail(30)
             );
             assert!(compiles(&now, "pods") > compiles(&before, "pods"));
             break;
@@ -757,7 +775,7 @@ async fn an_unreachable_api_server_keeps_the_table_enforced() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-offline");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 76);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -840,7 +858,7 @@ async fn stopping_leaves_the_table_and_cleanup_removes_it() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-cleanup");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 77);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");
@@ -918,7 +936,7 @@ async fn host_traffic_is_enforced_or_exempt() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-host");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 78);
     let lab = Lab::up(std::slice::from_ref(&dir), &client)
         .await
@@ -959,7 +977,7 @@ async fn deleting_the_agents_daemonset_removes_the_table_a_restart_does_not() {
     let _serial = SERIAL.lock().await;
     let ns = unique("agent-e2e-uninstall");
     let ns = ns.as_str();
-    let client = setup(&[ns]).await;
+    let client = setup().await;
     let dir = three_tier(ns, 79);
     let files = vec![dir.clone()];
     let lab = Lab::up(&files, &client).await.expect("lab up");

@@ -96,20 +96,31 @@ pub fn ensure_crds() {
 
 /// Waits while a namespace of an earlier run is still being deleted.
 pub fn wait_namespace_usable(name: &str) {
+    wait_not_terminating(&["get", "namespace", name], name);
+}
+
+/// Waits until no namespace is being deleted: an agent started now sees no earlier test's
+/// namespace go away (a change of namespaces makes it compile its table in full).
+pub fn wait_no_namespace_terminating() {
+    wait_not_terminating(&["get", "namespaces"], "a namespace");
+}
+
+fn wait_not_terminating(get: &[&str], what: &str) {
     let start = Instant::now();
     loop {
         let out = Command::new("kubectl")
-            .args(["get", "namespace", name, "-o", "jsonpath={.status.phase}"])
+            .args(get)
+            .args(["-o", "jsonpath={..status.phase}"])
             .env("KUBECONFIG", KUBECONFIG)
             .output()
             .expect("running kubectl");
-        let phase = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() || phase != "Terminating" {
+        let phases = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || !phases.contains("Terminating") {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "namespace {name} is still terminating after 2 minutes"
+            "{what} is still terminating after 2 minutes"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
