@@ -138,6 +138,8 @@ async fn main() {
     let client = client().await;
     ensure_crds();
     ensure_namespace(REPORT_NS);
+    // The previous run's namespace may still be going away.
+    wait_namespace_usable(NS);
     let dir = std::env::temp_dir().join("kube-nsg-agent-bench");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("pods.yaml"), pods_yaml()).unwrap();
@@ -214,7 +216,7 @@ async fn main() {
     println!("{}", stats("apply  -> first denied flow dropped", deny));
     println!("{}", stats("delete -> first flow passing again ", restore));
     println!(
-        "agent sync (snapshot, compile, nft apply), mean over the run: {:.1} ms",
+        "agent sync (snapshot, compile, apply), mean over the run: {:.1} ms",
         sync_sum / sync_count.max(1.0) * 1e3
     );
 }
