@@ -124,7 +124,7 @@ fn elem(change: &SetChange, e: &Element) -> Option<Elem> {
     })
 }
 
-pub(super) fn field(v: u128, t: KeyType) -> Vec<u8> {
+fn field(v: u128, t: KeyType) -> Vec<u8> {
     match t {
         KeyType::Ipv4 => (v as u32).to_be_bytes().to_vec(),
         KeyType::Ipv6 => v.to_be_bytes().to_vec(),
