@@ -105,23 +105,29 @@ pub fn ops(update: &ElementUpdate) -> Option<Vec<SetElems>> {
 }
 
 fn elem(change: &SetChange, e: &Element) -> Option<Elem> {
-    let fields = |end: bool| -> Vec<Vec<u8>> {
-        e.key
-            .iter()
-            .zip(&change.key)
-            .map(|(&(a, b), &t)| field(if end { b } else { a }, t))
-            .collect()
-    };
     let points = e.key.iter().all(|&(a, b): &Span| a == b);
     if !change.interval && !points {
         return None; // a range in a hash set: let nft say what is wrong
     }
-    Some(Elem {
+    Some(whole_elem(e, &change.key, change.interval))
+}
+
+/// An element of a hash set (`interval` false) or of a concatenated interval (pipapo) set,
+/// which keeps each range whole: its start as the key, its end as the key end.
+fn whole_elem(e: &Element, types: &[KeyType], interval: bool) -> Elem {
+    let fields = |end: bool| -> Vec<Vec<u8>> {
+        e.key
+            .iter()
+            .zip(types)
+            .map(|(&(a, b), &t)| field(if end { b } else { a }, t))
+            .collect()
+    };
+    Elem {
         key: key(&fields(false)),
-        key_end: change.interval.then(|| key(&fields(true))),
+        key_end: interval.then(|| key(&fields(true))),
         data: e.verdict.clone().map(Data::Verdict),
         interval_end: false,
-    })
+    }
 }
 
 fn field(v: u128, t: KeyType) -> Vec<u8> {

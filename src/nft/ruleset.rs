@@ -63,6 +63,18 @@ pub enum KeyType {
     Port,
 }
 
+impl KeyType {
+    /// The largest value of this part.
+    pub fn max(self) -> u128 {
+        match self {
+            KeyType::Ipv4 => Family::V4.max(),
+            KeyType::Ipv6 => Family::V6.max(),
+            KeyType::Proto => u8::MAX as u128,
+            KeyType::Port => u16::MAX as u128,
+        }
+    }
+}
+
 /// A packet field read by a map lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Field {

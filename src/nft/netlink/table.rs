@@ -9,8 +9,9 @@
 //! the two listings); nft's own shortcuts (loading one byte of an address for a /8) are left
 //! out where the listing is the same without them.
 
-use super::{Attrs, Batch, Data, Elem, NLM_F_CREATE, field, key, set_elements};
-use super::{NFTA_LIST_ELEM, Op};
+use super::{
+    Attrs, Batch, Data, Elem, NFTA_LIST_ELEM, NLM_F_CREATE, Op, field, set_elements, whole_elem,
+};
 use crate::nft::ruleset::*;
 
 // linux/netfilter/nf_tables.h
@@ -408,15 +409,6 @@ impl<'a> Loader<'a> {
     /// adjacent spans.
     fn in_spans(&mut self, e: &mut Exprs, t: KeyType, spans: &[Span], negate: bool) {
         let op = if negate { NFT_CMP_NEQ } else { NFT_CMP_EQ };
-        let mut sorted = spans.to_vec();
-        sorted.sort();
-        let mut merged: Vec<Span> = Vec::with_capacity(sorted.len());
-        for (a, b) in sorted {
-            match merged.last_mut() {
-                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
         match *spans {
             [(a, b)] if a == b => e.cmp(op, &field(a, t)),
             [(a, b)] if t != KeyType::Port && prefix_mask(a, b, t).is_some() => {
@@ -435,13 +427,20 @@ impl<'a> Loader<'a> {
                 e.cmp(NFT_CMP_LTE, &field(b, t));
             }
             _ => {
-                let elements: Vec<Element> = merged
-                    .iter()
-                    .map(|s| Element {
-                        key: vec![*s],
-                        verdict: None,
-                    })
-                    .collect();
+                let mut sorted = spans.to_vec();
+                sorted.sort();
+                let mut elements: Vec<Element> = Vec::with_capacity(sorted.len());
+                for (a, b) in sorted {
+                    match elements.last_mut() {
+                        Some(last) if a <= last.key[0].1.saturating_add(1) => {
+                            last.key[0].1 = last.key[0].1.max(b)
+                        }
+                        _ => elements.push(Element {
+                            key: vec![(a, b)],
+                            verdict: None,
+                        }),
+                    }
+                }
                 let elems = elems(&elements, &[t], true);
                 let id = self.anonymous_set(KeyDecl::of(&[t]), true, &elems);
                 e.lookup(ANONYMOUS_SET, Some(id), None, negate);
@@ -472,10 +471,7 @@ fn both_ports(matches: &[Match]) -> Option<Vec<u8>> {
 
 /// The netmask of `a..=b` when it is one CIDR block (the whole space included).
 fn prefix_mask(a: u128, b: u128, t: KeyType) -> Option<u128> {
-    let max = match t {
-        KeyType::Ipv4 => Family::V4.max(),
-        _ => Family::V6.max(),
-    };
+    let max = t.max();
     let host = b ^ a;
     (host & host.wrapping_add(1) == 0 && a & host == 0 && b <= max).then_some(max & !host)
 }
@@ -495,34 +491,13 @@ fn plain(key: Vec<u8>) -> Elem {
 /// interval reaching the top of the space has no end. A concatenated interval (pipapo) set
 /// keeps each interval whole.
 fn elems(elements: &[Element], types: &[KeyType], interval: bool) -> Vec<Elem> {
-    let data = |e: &Element| e.verdict.clone().map(Data::Verdict);
     if !interval || types.len() > 1 {
         return elements
             .iter()
-            .map(|e| {
-                let at = |end: bool| -> Vec<Vec<u8>> {
-                    e.key
-                        .iter()
-                        .zip(types)
-                        .map(|(&(a, b), &t)| field(if end { b } else { a }, t))
-                        .collect()
-                };
-                Elem {
-                    key: key(&at(false)),
-                    key_end: interval.then(|| key(&at(true))),
-                    data: data(e),
-                    interval_end: false,
-                }
-            })
+            .map(|e| whole_elem(e, types, interval))
             .collect();
     }
     let t = types[0];
-    let max = match t {
-        KeyType::Ipv4 => Family::V4.max(),
-        KeyType::Ipv6 => Family::V6.max(),
-        KeyType::Proto => u8::MAX as u128,
-        KeyType::Port => u16::MAX as u128,
-    };
     let end = |v: u128| Elem {
         interval_end: true,
         ..plain(field(v, t))
@@ -534,10 +509,10 @@ fn elems(elements: &[Element], types: &[KeyType], interval: bool) -> Vec<Elem> {
     for e in elements {
         let (a, b) = e.key[0];
         out.push(Elem {
-            data: data(e),
+            data: e.verdict.clone().map(Data::Verdict),
             ..plain(field(a, t))
         });
-        if b < max {
+        if b < t.max() {
             out.push(end(b + 1));
         }
     }
