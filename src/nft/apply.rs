@@ -217,15 +217,8 @@ pub fn sync(
 ) -> Result<Applied, NftError> {
     let applied = match render_update(current.as_ref(), &new) {
         Update::Unchanged => Applied::Unchanged,
-        Update::Elements(update) => match nft.apply_elements(&update) {
-            Ok(()) => Applied::Elements,
-            Err(_) => {
-                *current = None;
-                nft.replace(&new)?;
-                Applied::Replaced
-            }
-        },
-        Update::Replace => {
+        Update::Elements(update) if nft.apply_elements(&update).is_ok() => Applied::Elements,
+        Update::Elements(_) | Update::Replace => {
             *current = None;
             nft.replace(&new)?;
             Applied::Replaced
