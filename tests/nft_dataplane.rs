@@ -27,7 +27,7 @@ fn require_root_and_nft() {
         "0",
         "the dataplane tests need root"
     );
-    if let Err(e) = NftCommand::default().list_table_json("kube-nsg-probe-missing") {
+    if let Err(e) = nft::delete_table(&NftCommand::default(), "kube-nsg-probe-missing") {
         panic!("nft does not work here: {e}. Install nftables; these tests do not skip");
     }
     for tool in ["socat", "ping"] {
@@ -527,5 +527,5 @@ fn real_packets_get_the_evaluators_verdicts() {
         let _ = s.wait();
     }
     nft::delete_table(&nftc, &table).unwrap();
-    assert_eq!(nftc.list_table_json(&table).unwrap(), None);
+    assert_eq!(nftc.read_table(&table).unwrap(), None);
 }

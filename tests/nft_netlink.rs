@@ -1,14 +1,17 @@
-//! Element updates and table loads over netlink against the real kernel, each test in a
+//! Element updates, table loads and reading tables back over netlink against the real kernel, each test in a
 //! network namespace of its own (the test binary runs itself again under `ip netns exec`).
 //! Every set is then listed and compared with the same table loaded whole by `nft -f`
 //! (`nft_real` compares whole tables loaded both ways). Needs root, nft and iproute2; fails,
 //! never skips.
 
+use std::collections::BTreeSet;
 use std::process::Command;
 
+use kube_nsg::model::{Access, Direction, ObjectRef};
 use kube_nsg::nft::netlink::{self, Data, Elem, Op, SetElems};
 use kube_nsg::nft::{
-    self, Applied, Chain, Element, KeyType, Nft, NftCommand, NftError, Ruleset, Set, Span, Verdict,
+    self, Applied, Chain, Element, Hook, KeyType, Nft, NftCommand, NftError, RuleRef, Ruleset, Set,
+    Span, Verdict,
 };
 
 const INSIDE: &str = "KUBE_NSG_TEST_NETNS";
@@ -331,4 +334,98 @@ fn a_rejected_table_names_the_rule_and_changes_nothing() {
         "the old table is unchanged"
     );
     assert_equals_a_full_load(&good);
+}
+
+/// What the agent reads back of a table over netlink: the same for as long as only its
+/// counters move, different once anything else in it changes, and the counters as `nft`
+/// lists them.
+#[test]
+fn a_table_read_back_changes_with_its_contents_not_its_counters() {
+    if !in_own_netns("a_table_read_back_changes_with_its_contents_not_its_counters") {
+        return;
+    }
+    let nftc = NftCommand::default();
+    assert_eq!(nftc.read_table("rb").unwrap(), None);
+    let mut rs = table("rb", 0);
+    // Loopback pings pass this counter (the output hook).
+    let mut count = nft::Rule::verdict(vec![], Verdict::Accept);
+    count.counter = true;
+    rs.chains.push(Chain {
+        name: "out".into(),
+        hook: Some(Hook::Output),
+        comment: None,
+        rules: vec![count],
+    });
+    rs.rule_chains.insert(
+        "out".into(),
+        RuleRef {
+            nsg: ObjectRef::new("ns", "nsg"),
+            direction: Direction::Outbound,
+            rule: "r".into(),
+            priority: 100,
+            access: Access::Allow,
+        },
+    );
+    nftc.replace(&rs).unwrap();
+    let read = || nftc.read_table("rb").unwrap().expect("the table");
+    let first = read();
+    let names = |v: Vec<&String>| v.into_iter().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(
+        first.chains,
+        names(rs.chains.iter().map(|c| &c.name).collect())
+    );
+    assert_eq!(first.sets, names(rs.sets.iter().map(|s| &s.name).collect()));
+    assert_eq!(first.counters, vec![("out".to_string(), 0, 0)]);
+    assert_eq!(read(), first);
+
+    let run = |cmd: &str| {
+        let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run("ip link set lo up && ping -c 3 -i 0.01 -q 127.0.0.1");
+    let counted = read();
+    assert_eq!(
+        counted.fingerprint, first.fingerprint,
+        "counting is no change"
+    );
+    let packets = counted.counters[0].1;
+    assert!(packets >= 3, "{counted:?}");
+    let listed = run("nft -j list chain inet rb out");
+    assert!(
+        listed.contains(&format!("\"packets\": {packets},")),
+        "{listed}"
+    );
+    let hits = nft::read_counters(&nftc, &rs).unwrap();
+    assert_eq!((hits.len(), hits[0].packets), (1, packets));
+
+    run("nft add element inet rb a4 '{ 10.9.9.9 }'");
+    assert_ne!(read().fingerprint, first.fingerprint, "an element added");
+    run("nft delete element inet rb a4 '{ 10.9.9.9 }'");
+    assert_eq!(read().fingerprint, first.fingerprint, "and taken out again");
+    run(
+        "nft add element inet rb pods.v4 '{ 10.4.0.1 : goto c2 }' 2>/dev/null || nft 'delete element inet rb pods.v4 { 10.4.0.1 }; add element inet rb pods.v4 { 10.4.0.1 : goto c2 }'",
+    );
+    assert_ne!(
+        read().fingerprint,
+        first.fingerprint,
+        "an element's verdict"
+    );
+    nftc.replace(&rs).unwrap();
+    assert_eq!(
+        read().fingerprint,
+        first.fingerprint,
+        "the table loaded again"
+    );
+    run("nft add rule inet rb c1 accept");
+    assert_ne!(read().fingerprint, first.fingerprint, "a rule added");
+    nftc.replace(&rs).unwrap();
+    run("nft add chain inet rb extra");
+    let extra = read();
+    assert_ne!(extra.fingerprint, first.fingerprint, "a chain added");
+    assert!(extra.chains.contains("extra"));
 }

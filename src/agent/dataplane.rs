@@ -1,33 +1,33 @@
 //! The node's table as the agent keeps it: what it last applied, a fingerprint of what the
 //! kernel held after that, and per-rule hit totals that survive table replacements.
-//! Synchronous (it runs `nft` and talks netlink); the agent calls it from a blocking task.
+//! Synchronous (it talks netlink, and runs `nft` for some updates); the agent calls it from a
+//! blocking task.
 //! Tested with [`FakeNft`](crate::nft::FakeNft).
 //!
-//! Reading the kernel's table (`nft -j list table`) costs milliseconds for a small table and
-//! seconds for a very large one (4,000 rules and 100,000 set elements: ~2 s, plus ~0.5 s to
-//! parse). So the cost of the last listing decides how much the agent reads:
-//! - a table that lists quickly is fingerprinted right after each apply (exact drift
+//! Reading the kernel's table back (over netlink, [`crate::nft::netlink::read`]) costs a
+//! millisecond for a small table and more for a very large one. So the cost of the last
+//! reading decides how much the agent reads:
+//! - a table that reads quickly is fingerprinted right after each apply (exact drift
 //!   detection) and its counters are read just before a replacement (no hit is lost);
 //! - a slow one is fingerprinted at the next counter poll, after checking that its chains and
 //!   sets are the ones applied (drift of set elements in between goes unnoticed until the
 //!   next change), and the hits counted since the last poll are lost when it is replaced: a
-//!   policy change never waits for a listing;
-//! - the agent polls counters at most every ten times the listing cost.
+//!   policy change never waits for a read;
+//! - the agent polls counters at most every ten times the read cost.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{Direction, ObjectRef};
-use crate::nft::{self, Applied, Nft, NftError, RuleCounter, RuleRef, Ruleset};
+use crate::nft::{self, Applied, Nft, NftError, RuleCounter, RuleRef, Ruleset, TableState};
 
 /// One NSG rule's identity in hit counts: its group, direction and name (the priority and
 /// access are part of the rule, not of its identity: an edit that changes them keeps counting).
 pub type HitKey = (ObjectRef, Direction, String);
 
-/// A listing slower than this is not done on the path of a sync.
-pub const SLOW_LISTING: Duration = Duration::from_millis(100);
+/// A read slower than this is not done on the path of a sync.
+pub const SLOW_READ: Duration = Duration::from_millis(100);
 
 /// What one call of [`Dataplane::sync`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +45,10 @@ pub struct SyncOutcome {
 enum Known {
     /// This fingerprint (counters zeroed).
     Fingerprint(u64),
-    /// Not read since the apply: the next listing is recorded if its chains and sets are
+    /// Not read since the apply: the next read is recorded if its chains and sets are
     /// the applied ones.
     Unverified,
-    /// Unknown (a listing failed): counts as drift.
+    /// Unknown (a read failed): counts as drift.
     Unknown,
 }
 
@@ -60,8 +60,8 @@ pub struct Dataplane {
     /// whole table (the table left by a previous agent keeps enforcing until then).
     current: Option<Ruleset>,
     known: Known,
-    /// How long the last listing took.
-    listing_cost: Duration,
+    /// How long the last read took.
+    read_cost: Duration,
     /// Hits counted so far, per rule, over every table this process applied.
     totals: BTreeMap<HitKey, u64>,
     /// The counters as last read from the kernel's current table.
@@ -75,7 +75,7 @@ impl Dataplane {
             table: table.into(),
             current: None,
             known: Known::Unknown,
-            listing_cost: Duration::ZERO,
+            read_cost: Duration::ZERO,
             totals: BTreeMap::new(),
             last_raw: BTreeMap::new(),
         }
@@ -86,13 +86,13 @@ impl Dataplane {
         self.current.as_ref()
     }
 
-    /// How long the last `nft -j list table` took.
-    pub fn listing_cost(&self) -> Duration {
-        self.listing_cost
+    /// How long the last reading of the table took.
+    pub fn read_cost(&self) -> Duration {
+        self.read_cost
     }
 
     fn slow(&self) -> bool {
-        self.listing_cost >= SLOW_LISTING
+        self.read_cost >= SLOW_READ
     }
 
     /// Brings the kernel to `new`: set elements only when only they differ, else one atomic
@@ -102,10 +102,10 @@ impl Dataplane {
     pub fn sync(&mut self, new: Ruleset, check_drift: bool) -> Result<SyncOutcome, NftError> {
         let mut drift_repaired = false;
         if check_drift && self.current.is_some() {
-            match self.listing() {
-                Ok(listing) => {
-                    self.count(listing.as_deref());
-                    if self.check(listing.as_deref()) {
+            match self.read_back() {
+                Ok(table) => {
+                    self.count(table.as_ref());
+                    if self.check(table.as_ref()) {
                         drift_repaired = true;
                         self.current = None;
                     }
@@ -119,8 +119,8 @@ impl Dataplane {
             .is_some_and(|c| c.same_structure(&new));
         if replacing && self.current.is_some() && !self.slow() {
             // A replacement starts every counter from zero: take what the old table counted.
-            if let Ok(listing) = self.listing() {
-                self.count(listing.as_deref());
+            if let Ok(table) = self.read_back() {
+                self.count(table.as_ref());
             }
         }
         let applied = match nft::sync(&*self.nft, &mut self.current, new) {
@@ -138,9 +138,9 @@ impl Dataplane {
             self.known = Known::Unverified;
             if !self.slow() {
                 // What the kernel holds now, to tell drift from our own changes later.
-                match self.listing() {
-                    Ok(listing) => {
-                        self.check(listing.as_deref());
+                match self.read_back() {
+                    Ok(table) => {
+                        self.check(table.as_ref());
                     }
                     Err(_) => self.known = Known::Unknown,
                 }
@@ -157,9 +157,9 @@ impl Dataplane {
     /// table (zero for rules that never matched) and of rules seen earlier in this process.
     /// Also answers whether the table drifted from what was applied.
     pub fn read_hits(&mut self) -> Result<(BTreeMap<HitKey, u64>, bool), NftError> {
-        let listing = self.listing()?;
-        self.count(listing.as_deref());
-        let drifted = self.current.is_some() && self.check(listing.as_deref());
+        let table = self.read_back()?;
+        self.count(table.as_ref());
+        let drifted = self.current.is_some() && self.check(table.as_ref());
         Ok((self.totals.clone(), drifted))
     }
 
@@ -177,16 +177,16 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Whether the listed table drifted from what the last apply left. An unverified table
+    /// Whether the table read drifted from what the last apply left. An unverified table
     /// is recorded when its chains and sets are the applied ones (else it drifted).
-    fn check(&mut self, listing: Option<&str>) -> bool {
-        let print = fingerprint(listing);
+    fn check(&mut self, table: Option<&TableState>) -> bool {
+        let print = table.map(|t| t.fingerprint);
         match self.known {
             Known::Fingerprint(f) => print != Some(f),
             Known::Unknown => true,
             Known::Unverified => {
-                let same = match (listing, self.current.as_ref(), print) {
-                    (Some(l), Some(rs), Some(_)) => same_names(l, rs),
+                let same = match (table, self.current.as_ref()) {
+                    (Some(l), Some(rs)) => same_names(l, rs),
                     _ => false,
                 };
                 self.known = match (same, print) {
@@ -198,24 +198,21 @@ impl Dataplane {
         }
     }
 
-    fn listing(&mut self) -> Result<Option<String>, NftError> {
+    fn read_back(&mut self) -> Result<Option<TableState>, NftError> {
         let start = Instant::now();
-        let listing = self.nft.list_table_json(&self.table);
-        self.listing_cost = start.elapsed();
-        listing
+        let table = self.nft.read_table(&self.table);
+        self.read_cost = start.elapsed();
+        table
     }
 
     /// Adds what the kernel's counters gained since the last read to the totals. A counter
     /// that went down belongs to a table someone else replaced: it counts from zero.
-    fn count(&mut self, listing: Option<&str>) {
-        let (Some(json), Some(current)) = (listing, self.current.as_ref()) else {
-            return;
-        };
-        let Ok(counters) = nft::parse_counters(json, current) else {
+    fn count(&mut self, table: Option<&TableState>) {
+        let (Some(state), Some(current)) = (table, self.current.as_ref()) else {
             return;
         };
         let mut now: BTreeMap<RuleRef, u64> = BTreeMap::new();
-        for RuleCounter { rule, packets, .. } in counters {
+        for RuleCounter { rule, packets, .. } in nft::rule_counters(state, current) {
             *now.entry(rule).or_default() += packets;
         }
         for (rule, &packets) in &now {
@@ -238,52 +235,11 @@ fn hit_key(r: &RuleRef) -> HitKey {
     (r.nsg.clone(), r.direction, r.rule.clone())
 }
 
-/// Whether a listing has exactly the chains and sets of `rs`.
-fn same_names(listing: &str, rs: &Ruleset) -> bool {
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(listing) else {
-        return false;
+/// Whether a table read has exactly the chains and sets of `rs`.
+fn same_names(table: &TableState, rs: &Ruleset) -> bool {
+    let names = |names: &BTreeSet<String>, of: Vec<&String>| {
+        names.iter().eq(of.into_iter().collect::<BTreeSet<_>>())
     };
-    let mut chains = BTreeSet::new();
-    let mut sets = BTreeSet::new();
-    for item in doc["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = item["chain"]["name"].as_str() {
-            chains.insert(name.to_string());
-        }
-        for kind in ["set", "map"] {
-            if let Some(name) = item[kind]["name"].as_str() {
-                sets.insert(name.to_string());
-            }
-        }
-    }
-    chains == rs.chains.iter().map(|c| c.name.clone()).collect()
-        && sets == rs.sets.iter().map(|s| s.name.clone()).collect()
-}
-
-/// A hash of `nft -j list table` output with every counter value zeroed: equal as long as
-/// nobody but the agent changed the table. `None` for no table.
-pub fn fingerprint(listing: Option<&str>) -> Option<u64> {
-    let mut doc: serde_json::Value = serde_json::from_str(listing?).ok()?;
-    if let Some(items) = doc.get_mut("nftables").and_then(|v| v.as_array_mut()) {
-        items.retain(|item| item.get("metainfo").is_none());
-    }
-    zero_counters(&mut doc);
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    doc.to_string().hash(&mut h);
-    Some(h.finish())
-}
-
-fn zero_counters(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, child) in map.iter_mut() {
-                if k == "counter" {
-                    *child = serde_json::Value::Null;
-                } else {
-                    zero_counters(child);
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(zero_counters),
-        _ => {}
-    }
+    names(&table.chains, rs.chains.iter().map(|c| &c.name).collect())
+        && names(&table.sets, rs.sets.iter().map(|s| &s.name).collect())
 }

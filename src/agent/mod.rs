@@ -16,7 +16,7 @@
 //!   for peers not yet seen): until then the table an earlier agent left keeps enforcing.
 //!   `/readyz` answers 200 after the first successful sync.
 //! - `--resync-interval`: a pass without a change, which also compares the kernel's table
-//!   with what was applied (a fingerprint of `nft -j list table` with counters zeroed) and
+//!   with what was applied (a fingerprint of the table read over netlink, counters aside) and
 //!   replaces it if someone changed or deleted it. The counter poll (`--counters-interval`)
 //!   makes the same comparison, so drift is repaired within one poll.
 //! - Errors never remove the table: a failed sync keeps the kernel's table and is retried
@@ -448,7 +448,7 @@ impl Agent {
 
     /// Reads the counters every `interval`: metrics, the hits for the Lease, and a drift
     /// check (a drifted table wakes the loop).
-    /// A large table is read less often: at most every ten times what a listing costs.
+    /// A large table is read less often: at most every ten times what reading it costs.
     pub async fn poll_counters(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut delay = Duration::ZERO;
         loop {
@@ -460,7 +460,7 @@ impl Agent {
             let read = tokio::task::spawn_blocking(move || {
                 let mut dp = dp.lock().expect("dataplane lock");
                 let read = dp.current().is_some().then(|| dp.read_hits());
-                (read, dp.listing_cost())
+                (read, dp.read_cost())
             })
             .await
             .map(|(read, cost)| {

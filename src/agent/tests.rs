@@ -69,32 +69,28 @@ fn agent(fake: &Arc<FakeNft>) -> Agent {
     )
 }
 
-/// A listing of the applied table as the fake's `nft -j list` answer: what the fingerprint
-/// and the counters are read from.
-fn listing(rs: &Ruleset, packets: &BTreeMap<&str, u64>) -> String {
-    let mut items = vec![serde_json::json!({"metainfo": {"version": "1.0.6"}})];
-    for set in &rs.sets {
-        let kind = if set.is_map { "map" } else { "set" };
-        items.push(
-            serde_json::json!({ kind: {"family": "inet", "table": rs.table, "name": set.name} }),
-        );
+/// The applied table as the fake reads it back: what the fingerprint and the counters come
+/// from (the fingerprint of a table is a hash of its text).
+fn read_back(rs: &Ruleset, packets: &BTreeMap<&str, u64>) -> TableState {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut print = DefaultHasher::new();
+    crate::nft::render(rs).hash(&mut print);
+    TableState {
+        fingerprint: print.finish(),
+        chains: rs.chains.iter().map(|c| c.name.clone()).collect(),
+        sets: rs.sets.iter().map(|s| s.name.clone()).collect(),
+        counters: rs
+            .rule_chains
+            .iter()
+            .map(|(chain, rref)| {
+                let n = packets.get(rref.rule.as_str()).copied().unwrap_or(0);
+                (chain.clone(), n, n * 60)
+            })
+            .collect(),
     }
-    for chain in &rs.chains {
-        items.push(
-            serde_json::json!({"chain": {"family": "inet", "table": rs.table, "name": chain.name}}),
-        );
-    }
-    for (chain, rref) in &rs.rule_chains {
-        let n = packets.get(rref.rule.as_str()).copied().unwrap_or(0);
-        items.push(serde_json::json!({"rule": {
-            "family": "inet", "table": rs.table, "chain": chain,
-            "expr": [{"counter": {"packets": n, "bytes": n * 60}}, {"accept": null}],
-        }}));
-    }
-    serde_json::json!({ "nftables": items }).to_string()
 }
 
-use crate::nft::Ruleset;
+use crate::nft::{Ruleset, TableState};
 
 #[test]
 fn syncs_replace_then_update_elements_and_count_across_replacements() {
@@ -102,12 +98,11 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     let a = agent(&fake);
     let inv = three_tier();
     let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
-    *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::new()));
     let out = a.sync_blocking(inv.clone(), false).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     assert!(fake.scripts()[0].starts_with("table inet kube-nsg\ndelete table inet kube-nsg\n"));
-    *fake.table_json.lock().unwrap() =
-        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 3)])));
+    *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::from([("Deny-Database-All", 3)])));
     assert_eq!(
         a.sync_blocking(inv.clone(), true).unwrap().applied,
         Applied::Unchanged
@@ -136,8 +131,7 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     );
     assert_eq!(hits[&deny], 3);
     assert!(!drifted);
-    *fake.table_json.lock().unwrap() =
-        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 5)])));
+    *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::from([("Deny-Database-All", 5)])));
 
     // A changed rule set replaces the table; what the old one counted is kept.
     let mut edited = joined.clone();
@@ -146,8 +140,8 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     let out = a.sync_blocking(edited.clone(), false).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     // The fake does not reset counters: list the new table as the kernel would.
-    *fake.table_json.lock().unwrap() =
-        Some(listing(&rs2, &BTreeMap::from([("Deny-Database-All", 1)])));
+    *fake.table.lock().unwrap() =
+        Some(read_back(&rs2, &BTreeMap::from([("Deny-Database-All", 1)])));
     let (hits, _) = a.dataplane.lock().unwrap().read_hits().unwrap();
     assert_eq!(hits[&deny], 6, "5 from the old table, 1 from the new");
 }
@@ -160,18 +154,17 @@ fn drift_is_repaired_by_a_replacement() {
     a.sync_blocking(inv.clone(), false).unwrap();
     let rs = a.dataplane.lock().unwrap().current().unwrap().clone();
     // The fake had no table listed when the sync ran: the fingerprint is of "no table".
-    *fake.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::new()));
     let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
     assert!(out.drift_repaired);
     // Now it matches; counter values alone are no drift.
-    *fake.table_json.lock().unwrap() =
-        Some(listing(&rs, &BTreeMap::from([("Deny-Database-All", 9)])));
+    *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::from([("Deny-Database-All", 9)])));
     let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert_eq!(out.applied, Applied::Unchanged);
     assert!(!out.drift_repaired);
     // Someone deleted the table.
-    *fake.table_json.lock().unwrap() = None;
+    *fake.table.lock().unwrap() = None;
     let (_, drifted) = a.dataplane.lock().unwrap().read_hits().unwrap();
     assert!(drifted);
     let out = a.sync_blocking(inv.clone(), true).unwrap();
@@ -336,22 +329,22 @@ async fn wait_for(cond: impl Fn() -> bool) {
     panic!("timed out");
 }
 
-/// A fake whose listings take time, counting them.
+/// A fake whose readings take time, counting them.
 struct SlowNft {
     inner: FakeNft,
     delay: Duration,
-    listings: std::sync::atomic::AtomicUsize,
+    readings: std::sync::atomic::AtomicUsize,
 }
 
 impl crate::nft::Nft for SlowNft {
     fn apply(&self, script: &str) -> Result<(), crate::nft::NftError> {
         self.inner.apply(script)
     }
-    fn list_table_json(&self, table: &str) -> Result<Option<String>, crate::nft::NftError> {
-        self.listings
+    fn read_table(&self, table: &str) -> Result<Option<TableState>, crate::nft::NftError> {
+        self.readings
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         std::thread::sleep(self.delay);
-        self.inner.list_table_json(table)
+        self.inner.read_table(table)
     }
 }
 
@@ -359,21 +352,21 @@ impl crate::nft::Nft for SlowNft {
 fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll() {
     let slow = Arc::new(SlowNft {
         inner: FakeNft::default(),
-        delay: dataplane::SLOW_LISTING + Duration::from_millis(20),
-        listings: Default::default(),
+        delay: dataplane::SLOW_READ + Duration::from_millis(20),
+        readings: Default::default(),
     });
-    let listings = || slow.listings.load(std::sync::atomic::Ordering::Relaxed);
+    let readings = || slow.readings.load(std::sync::atomic::Ordering::Relaxed);
     let mut dp = Dataplane::new(slow.clone(), "kube-nsg");
     let inv = three_tier();
     let rs = nft::compile(&Resolved::new(&inv), Some("node-1"));
-    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    *slow.inner.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::new()));
     dp.sync(rs.clone(), false).unwrap();
     assert_eq!(
-        listings(),
+        readings(),
         1,
         "the first apply is read back: its cost is not known yet"
     );
-    assert!(dp.listing_cost() >= dataplane::SLOW_LISTING);
+    assert!(dp.read_cost() >= dataplane::SLOW_READ);
 
     let mut edited = inv.clone();
     edited.nsgs[0].rules.retain(|r| r.priority != 100);
@@ -382,16 +375,16 @@ fn a_slow_table_is_not_listed_on_the_sync_path_and_is_verified_at_the_next_poll(
         dp.sync(rs2.clone(), false).unwrap().applied,
         Applied::Replaced
     );
-    assert_eq!(listings(), 1, "no listing before or after the replacement");
+    assert_eq!(readings(), 1, "no reading before or after the replacement");
 
     // The next poll records the table (its chains and sets are the applied ones).
-    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs2, &BTreeMap::new()));
+    *slow.inner.table.lock().unwrap() = Some(read_back(&rs2, &BTreeMap::new()));
     let (_, drifted) = dp.read_hits().unwrap();
     assert!(!drifted);
     let (_, drifted) = dp.read_hits().unwrap();
     assert!(!drifted, "recorded");
     // Someone puts the old table back: drift.
-    *slow.inner.table_json.lock().unwrap() = Some(listing(&rs, &BTreeMap::new()));
+    *slow.inner.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::new()));
     let (_, drifted) = dp.read_hits().unwrap();
     assert!(drifted);
 }

@@ -1,6 +1,8 @@
 //! Applying tables and element updates (over netlink; scripts through `nft`), and reading
-//! the per-rule counters back. Synchronous: the agent calls it from a blocking task.
+//! the table back (over netlink): its fingerprint and per-rule counters. Synchronous: the
+//! agent calls it from a blocking task.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -18,8 +20,6 @@ pub enum NftError {
     },
     #[error("nft rejected the script ({status}): {stderr}")]
     Rejected { status: String, stderr: String },
-    #[error("cannot read nft's JSON output: {0}")]
-    Json(#[from] serde_json::Error),
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
     #[error("the kernel rejected {what} (nothing was changed): {source}")]
@@ -41,12 +41,25 @@ pub trait Nft {
     fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
         self.apply(&update.script())
     }
-    /// `nft -j list table inet TABLE`; `None` when there is no such table.
-    fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError>;
+    /// Reads table `inet TABLE` back; `None` when there is no such table.
+    fn read_table(&self, table: &str) -> Result<Option<TableState>, NftError>;
 }
 
-/// The real thing: tables and element updates go over netlink, scripts and listings through
-/// the `nft` program.
+/// What the agent reads back of its table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TableState {
+    /// A hash of everything in the table but its counters' values: it stays the same as long
+    /// as nobody changes the table.
+    pub fingerprint: u64,
+    pub chains: BTreeSet<String>,
+    /// The named sets and maps (not the anonymous sets of rules).
+    pub sets: BTreeSet<String>,
+    /// Every counter of a rule: its chain, packets and bytes.
+    pub counters: Vec<(String, u64, u64)>,
+}
+
+/// The real thing: tables, element updates and reading go over netlink, scripts through the
+/// `nft` program.
 #[derive(Debug, Clone)]
 pub struct NftCommand {
     pub program: String,
@@ -151,15 +164,8 @@ impl Nft for NftCommand {
         }
     }
 
-    fn list_table_json(&self, table: &str) -> Result<Option<String>, NftError> {
-        let out = self.run(&["-j", "list", "table", "inet", table], None)?;
-        if out.status.success() {
-            Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
-        } else if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
-            Ok(None)
-        } else {
-            Err(rejected(&out))
-        }
+    fn read_table(&self, table: &str) -> Result<Option<TableState>, NftError> {
+        netlink::read(table)
     }
 }
 
@@ -167,8 +173,8 @@ impl Nft for NftCommand {
 #[derive(Debug, Default)]
 pub struct FakeNft {
     pub scripts: Mutex<Vec<String>>,
-    /// What `list_table_json` answers.
-    pub table_json: Mutex<Option<String>>,
+    /// What `read_table` answers.
+    pub table: Mutex<Option<TableState>>,
     /// Reject every script whose text contains this (to test fallbacks).
     pub reject_containing: Mutex<Option<String>>,
 }
@@ -193,8 +199,8 @@ impl Nft for FakeNft {
         Ok(())
     }
 
-    fn list_table_json(&self, _table: &str) -> Result<Option<String>, NftError> {
-        Ok(self.table_json.lock().unwrap().clone())
+    fn read_table(&self, _table: &str) -> Result<Option<TableState>, NftError> {
+        Ok(self.table.lock().unwrap().clone())
     }
 }
 
@@ -241,37 +247,29 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
-/// Per-rule counters from `nft -j list table` output, for the rules of `rs`.
-pub fn parse_counters(json: &str, rs: &Ruleset) -> Result<Vec<RuleCounter>, NftError> {
-    let doc: serde_json::Value = serde_json::from_str(json)?;
-    let mut out = Vec::new();
-    for item in doc["nftables"].as_array().into_iter().flatten() {
-        let Some(rule) = item.get("rule") else {
-            continue;
-        };
-        let Some(rref) = rule["chain"].as_str().and_then(|c| rs.rule_chains.get(c)) else {
-            continue;
-        };
-        for expr in rule["expr"].as_array().into_iter().flatten() {
-            if let Some(c) = expr.get("counter") {
-                out.push(RuleCounter {
-                    rule: rref.clone(),
-                    packets: c["packets"].as_u64().unwrap_or(0),
-                    bytes: c["bytes"].as_u64().unwrap_or(0),
-                });
-            }
-        }
-    }
+/// The counters of the rules of `rs` in a table read back.
+pub fn rule_counters(state: &TableState, rs: &Ruleset) -> Vec<RuleCounter> {
+    let mut out: Vec<RuleCounter> = state
+        .counters
+        .iter()
+        .filter_map(|(chain, packets, bytes)| {
+            Some(RuleCounter {
+                rule: rs.rule_chains.get(chain)?.clone(),
+                packets: *packets,
+                bytes: *bytes,
+            })
+        })
+        .collect();
     out.sort_by(|a, b| a.rule.cmp(&b.rule));
-    Ok(out)
+    out
 }
 
 /// Reads the per-rule counters of the table `rs` was applied as (empty without the table).
 pub fn read_counters(nft: &dyn Nft, rs: &Ruleset) -> Result<Vec<RuleCounter>, NftError> {
-    match nft.list_table_json(&rs.table)? {
-        Some(json) => parse_counters(&json, rs),
-        None => Ok(vec![]),
-    }
+    Ok(nft
+        .read_table(&rs.table)?
+        .map(|state| rule_counters(&state, rs))
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -295,14 +293,14 @@ mod tests {
             chains: vec![],
             rule_chains: [("in/shop/shop-subnet/120".to_string(), rref.clone())].into(),
         };
-        // As `nft -j list table` prints it (abridged).
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
-            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "forward", "handle": 4,
-              "expr": [{"counter": {"packets": 99, "bytes": 1}}, {"accept": null}]}},
-            {"rule": {"family": "inet", "table": "kube-nsg", "chain": "in/shop/shop-subnet/120", "handle": 9,
-              "comment": "shop/shop-subnet Deny-Database-All (inbound 120): deny",
-              "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}}]}"#;
-        let counters = parse_counters(json, &rs).unwrap();
+        let state = TableState {
+            counters: vec![
+                ("forward".into(), 99, 1),
+                ("in/shop/shop-subnet/120".into(), 3, 180),
+            ],
+            ..TableState::default()
+        };
+        let counters = rule_counters(&state, &rs);
         assert_eq!(
             counters,
             vec![RuleCounter {

@@ -1,9 +1,10 @@
 //! Changes sent straight to the kernel over netlink (nfnetlink, nf_tables), without the `nft`
-//! program: element updates, and whole tables (`table`). Why: for any `add element`, nft
-//! 1.0.6 first fetches every element of every interval set in the ruleset into its cache, so
-//! one membership change next to a large table took ~100 ms in userspace, and loading a large
-//! table spent longer in nft's parser than in the kernel; the kernel itself needs well under a
-//! millisecond for the one, and most of the load for the other.
+//! program: element updates, and whole tables (`table`); and what the agent reads back of its
+//! table (`read`). Why: for any `add element`, nft 1.0.6 first fetches every element of every
+//! interval set in the ruleset into its cache, so one membership change next to a large table
+//! took ~100 ms in userspace, and loading a large table spent longer in nft's parser than in
+//! the kernel; the kernel itself needs well under a millisecond for the one, and most of the
+//! load for the other.
 //!
 //! One change is one batch (`NFNL_MSG_BATCH_BEGIN`, the nf_tables messages,
 //! `NFNL_MSG_BATCH_END`): one transaction, all or nothing. The kernel handles the batch within
@@ -15,7 +16,10 @@
 //! verdict or value data. Single-field interval (rbtree) sets keep ranges as start and end
 //! elements: [`ops`] leaves those updates to `nft`; a whole table encodes them.
 
+mod read;
 mod table;
+
+pub use read::read;
 
 use std::io::ErrorKind;
 
@@ -394,15 +398,22 @@ pub fn replace(rs: &Ruleset) -> Result<(), NftError> {
     send(&table::replace(rs))
 }
 
-/// Sends one batch and waits for its outcome. The kernel handles a batch within `send`, so
-/// every answer is queued when it returns.
-pub fn send(batch: &Batch) -> Result<(), NftError> {
+/// A netfilter netlink socket talking to the kernel.
+fn socket() -> Result<Socket, NftError> {
     let io = NftError::Netlink;
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
     socket.bind_auto().map_err(io)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(io)?;
     // Errors without the rejected message echoed back: they stay small.
     socket.set_cap_ack(true).map_err(io)?;
+    Ok(socket)
+}
+
+/// Sends one batch and waits for its outcome. The kernel handles a batch within `send`, so
+/// every answer is queued when it returns.
+pub fn send(batch: &Batch) -> Result<(), NftError> {
+    let io = NftError::Netlink;
+    let socket = socket()?;
     if batch.bytes.len() > DEFAULT_SEND_BUFFER {
         // A batch is one datagram. Raising the buffer past the system's limit needs
         // CAP_NET_ADMIN, which nftables needs anyway; without it `send` says EMSGSIZE.
