@@ -250,40 +250,40 @@ fn request(socket: &Socket, ty: u16, flags: u16, body: &[u8]) -> Result<Vec<Vec<
     socket.send(&out, 0).map_err(Dump::Io)?;
     let dump = flags & NLM_F_DUMP != 0;
     let mut answers = Vec::new();
+    // Read on to the end of an interrupted dump, so that the next request's answer is not
+    // mistaken for this one's.
+    let mut interrupted = false;
     let mut buf = Vec::with_capacity(1 << 16);
     loop {
         buf.clear();
         socket.recv(&mut buf, 0).map_err(Dump::Io)?;
         let mut rest = &buf[..];
         while rest.len() >= 16 {
-            let len =
-                (u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize).clamp(16, rest.len());
+            let len = (u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize)
+                .clamp(16, rest.len());
             let msg_type = u16::from_ne_bytes([rest[4], rest[5]]);
             let msg_flags = u16::from_ne_bytes([rest[6], rest[7]]);
             let msg = &rest[..len];
             rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-            if msg_flags & NLM_F_DUMP_INTR != 0 {
-                return Err(Dump::Interrupted);
-            }
-            match msg_type {
-                NLMSG_DONE => return Ok(answers),
-                NLMSG_ERROR => {
-                    let errno = msg
-                        .get(16..20)
-                        .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
-                    return if errno == 0 {
-                        Ok(answers)
-                    } else {
-                        Err(Dump::Kernel(-errno))
-                    };
-                }
+            interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
+            let errno = match msg_type {
+                NLMSG_DONE => 0,
+                NLMSG_ERROR => msg
+                    .get(16..20)
+                    .map_or(0, |e| -i32::from_ne_bytes(e.try_into().unwrap())),
                 _ => {
                     answers.push(msg.get(20..).unwrap_or_default().to_vec());
-                    if !dump {
-                        return Ok(answers);
+                    if dump {
+                        continue;
                     }
+                    0
                 }
-            }
+            };
+            return match (errno, interrupted) {
+                (0, false) => Ok(answers),
+                (0, true) => Err(Dump::Interrupted),
+                (errno, _) => Err(Dump::Kernel(errno)),
+            };
         }
     }
 }
