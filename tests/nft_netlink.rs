@@ -75,8 +75,8 @@ fn set(name: &str, key: Vec<KeyType>, is_map: bool, interval: bool, elements: Ve
 }
 
 /// Every kind of set an element update may touch over netlink: IPv4 and IPv6 hash sets and
-/// verdict maps (goto, jump, accept, drop), a concatenated hash map and a concatenated
-/// interval (pipapo) map. `k` picks which elements.
+/// verdict maps (goto, jump, accept, drop), a concatenated hash map, a concatenated interval
+/// (pipapo) map, and single-field interval (rbtree) sets and maps. `k` picks which elements.
 fn table(name: &str, k: u128) -> Ruleset {
     use KeyType::*;
     let goto = |c: &str| Some(Verdict::Goto(c.into()));
@@ -123,6 +123,43 @@ fn table(name: &str, k: u128) -> Ruleset {
                     goto("c2"),
                 ),
                 el(vec![pt(v4("10.3.0.1") + k), pt(22)], Some(Verdict::Drop)),
+            ],
+        ),
+        // Single-field interval sets: neighbouring ranges, one from zero, one to the top.
+        set(
+            "iv4",
+            vec![Ipv4],
+            false,
+            true,
+            // Sorted, as the compiler's.
+            (k == 0)
+                .then_some((0, 99))
+                .into_iter()
+                .chain([
+                    (v4("10.0.0.0"), v4("10.0.255.255")),
+                    (v4("10.1.0.0") + k, v4("10.1.0.255")),
+                    (v4("10.1.1.0"), v4("10.1.1.9") + k),
+                ])
+                .chain((k == 1).then_some((v4("255.255.255.0"), v4("255.255.255.255"))))
+                .map(|span| el(vec![span], None))
+                .collect(),
+        ),
+        set(
+            "ivmap6",
+            vec![Ipv6],
+            true,
+            true,
+            vec![
+                el(vec![(0, v6("fd00::ffff") + k)], goto("c1")),
+                el(vec![(v6("fd00::ffff") + k + 1, v6("fd01::"))], goto("c2")),
+                el(
+                    vec![(v6("fd02::"), v6("fd02::") + 9)],
+                    if k == 5 {
+                        goto("c1")
+                    } else {
+                        Some(Verdict::Drop)
+                    },
+                ),
             ],
         ),
         set(
@@ -228,7 +265,22 @@ fn element_updates_of_every_set_kind_go_over_netlink() {
         let nft::Update::Elements(update) = nft::render_update(current.as_ref(), &next) else {
             panic!("not an element update");
         };
-        assert!(update.sets.len() == 6, "every set changes: {update:?}");
+        assert!(update.sets.len() == 8, "every set changes: {update:?}");
+        // The same update as nft's script, on a copy.
+        let copy = |rs: &Ruleset| Ruleset {
+            table: "nl-script".into(),
+            ..rs.clone()
+        };
+        let nftc = NftCommand::default();
+        nftc.replace(&copy(current.as_ref().unwrap())).unwrap();
+        let script = nft::ElementUpdate {
+            table: "nl-script".into(),
+            ..update.clone()
+        }
+        .script();
+        nftc.apply(&script).unwrap();
+        assert_equals_a_full_load(&copy(&next));
+
         let applied = nft::sync(&no_nft(), &mut current, next.clone()).unwrap();
         assert_eq!(applied, Applied::Elements);
         assert_equals_a_full_load(&next);

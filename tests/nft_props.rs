@@ -221,6 +221,15 @@ proptest! {
 fn apply_elements(old: &Ruleset, script: &str) -> Ruleset {
     let mut rs = old.clone();
     for line in script.lines() {
+        if let Some(rest) = line
+            .strip_prefix("flush set inet ")
+            .or_else(|| line.strip_prefix("flush map inet "))
+        {
+            let name = rest.strip_prefix(&format!("{} ", rs.table)).unwrap();
+            let set = rs.sets.iter_mut().find(|s| s.name == name).unwrap();
+            set.elements.clear();
+            continue;
+        }
         let (op, rest) = line.split_once(" element inet ").unwrap();
         let rest = rest.strip_prefix(&format!("{} ", rs.table)).unwrap();
         let (name, items) = rest.split_once(" { ").unwrap();

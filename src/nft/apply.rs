@@ -150,8 +150,7 @@ impl Nft for NftCommand {
     }
 
     /// Over netlink, which skips nft's cache of every interval set in the ruleset. Through
-    /// `nft` instead: checks (`-c`), updates of single-field interval sets, and batches too
-    /// large for the socket's send buffer.
+    /// `nft` instead: checks (`-c`) and batches too large for the socket's send buffer.
     fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
         match netlink::ops(update).filter(|_| !self.check_only) {
             Some(ops) => match netlink::apply(&update.table, &ops) {

@@ -14,7 +14,7 @@
 //! Element updates are generic over the sets of one `inet` table: keys of any fixed-size
 //! fields (concatenations included), ranges of concatenated interval (pipapo) sets, and
 //! verdict or value data. Single-field interval (rbtree) sets keep ranges as start and end
-//! elements: [`ops`] leaves those updates to `nft`; a whole table encodes them.
+//! elements: an update flushes such a set and writes it whole, as a table load does.
 
 mod read;
 mod table;
@@ -55,6 +55,8 @@ pub struct Elem {
 pub enum Op {
     Add,
     Delete,
+    /// Every element of the set (`elems` is empty).
+    Flush,
 }
 
 /// Elements to add to or delete from one named set or map.
@@ -79,29 +81,39 @@ pub fn key(fields: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// The update as netlink operations, deletes first (as in its script); `None` when it touches
-/// a single-field interval (rbtree) set.
+/// The update as netlink operations, flushes and deletes first (as in its script); `None`
+/// when it holds a range in a hash set (which `nft` then reports).
 pub fn ops(update: &ElementUpdate) -> Option<Vec<SetElems>> {
     let mut deletes = Vec::new();
     let mut adds = Vec::new();
     for change in &update.sets {
-        if change.interval && change.key.len() == 1 {
-            return None;
+        if change.flush {
+            deletes.push(SetElems {
+                set: change.name.clone(),
+                op: Op::Flush,
+                elems: vec![],
+            });
         }
         for (op, elements, out) in [
             (Op::Delete, &change.delete, &mut deletes),
             (Op::Add, &change.add, &mut adds),
         ] {
-            if !elements.is_empty() {
-                out.push(SetElems {
-                    set: change.name.clone(),
-                    op,
-                    elems: elements
-                        .iter()
-                        .map(|e| elem(change, e))
-                        .collect::<Option<_>>()?,
-                });
+            if elements.is_empty() {
+                continue;
             }
+            let elems = if change.flush {
+                table::elems(elements, &change.key, true)
+            } else {
+                elements
+                    .iter()
+                    .map(|e| elem(change, e))
+                    .collect::<Option<_>>()?
+            };
+            out.push(SetElems {
+                set: change.name.clone(),
+                op,
+                elems,
+            });
         }
     }
     deletes.extend(adds);
@@ -343,6 +355,15 @@ fn set_elements(b: &mut Batch, table: &str, set: &str, id: Option<u32>, op: Op, 
     let (ty, flags, verb) = match op {
         Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "adding"),
         Op::Delete => (NFT_MSG_DELSETELEM, 0, "deleting"),
+        Op::Flush => {
+            // A delete without an element list empties the set.
+            let mut a = Attrs(Vec::new());
+            a.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
+            a.put_str(NFTA_SET_ELEM_LIST_SET, set);
+            let what = format!("flushing set {set} in table inet {table}");
+            b.push(NFT_MSG_DELSETELEM, 0, &a.0, what);
+            return;
+        }
     };
     let mut list = Attrs(Vec::new());
     let mut n = 0;

@@ -67,7 +67,12 @@ pub struct ElementUpdate {
 pub struct SetChange {
     pub name: String,
     pub key: Vec<KeyType>,
+    pub is_map: bool,
     pub interval: bool,
+    /// The set is emptied first and `add` holds all its elements: how a single-field
+    /// interval set changes. The kernel keeps its ranges as start and end elements, shared
+    /// between neighbours; written whole, they are laid out as in a table load.
+    pub flush: bool,
     /// Keys only (no verdicts).
     pub delete: Vec<Element>,
     pub add: Vec<Element>,
@@ -80,6 +85,10 @@ impl ElementUpdate {
         let mut deletes = String::new();
         let mut adds = String::new();
         for s in &self.sets {
+            if s.flush {
+                let kind = if s.is_map { "map" } else { "set" };
+                writeln!(deletes, "flush {kind} inet {} {}", self.table, s.name).unwrap();
+            }
             for (out, verb, elements) in [
                 (&mut deletes, "delete", &s.delete),
                 (&mut adds, "add", &s.add),
@@ -111,6 +120,18 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
         if o.elements == n.elements {
             continue; // most sets
         }
+        if n.interval && n.key.len() == 1 {
+            sets.push(SetChange {
+                name: n.name.clone(),
+                key: n.key.clone(),
+                is_map: n.is_map,
+                interval: true,
+                flush: true,
+                delete: vec![],
+                add: n.elements.clone(),
+            });
+            continue;
+        }
         let (gone, added) = difference(&o.elements, &n.elements);
         let delete: Vec<Element> = gone
             .into_iter()
@@ -124,7 +145,9 @@ pub fn render_update(old: Option<&Ruleset>, new: &Ruleset) -> Update {
             sets.push(SetChange {
                 name: n.name.clone(),
                 key: n.key.clone(),
+                is_map: n.is_map,
                 interval: n.interval,
+                flush: false,
                 delete,
                 add,
             });

@@ -490,7 +490,7 @@ fn plain(key: Vec<u8>) -> Elem {
 /// as nft does, the space before the first interval is closed by an end at zero, and an
 /// interval reaching the top of the space has no end. A concatenated interval (pipapo) set
 /// keeps each interval whole.
-fn elems(elements: &[Element], types: &[KeyType], interval: bool) -> Vec<Elem> {
+pub(super) fn elems(elements: &[Element], types: &[KeyType], interval: bool) -> Vec<Elem> {
     if !interval || types.len() > 1 {
         return elements
             .iter()
