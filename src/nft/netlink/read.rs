@@ -83,26 +83,21 @@ fn read_once(socket: &Socket, table: &str) -> Result<Option<TableState>, Dump> {
         .iter()
         .for_each(|m| feed_attrs(&mut print, m, NFTA_TABLE_HANDLE));
 
-    // The kernel dumps the chains of every table of the family.
-    for chain in request(socket, NFT_MSG_GETCHAIN, NLM_F_DUMP, &[])? {
-        if str_attr(&chain, NFTA_CHAIN_TABLE) == Some(table) {
-            feed_attrs(&mut print, &chain, NFTA_CHAIN_HANDLE);
-            state
-                .chains
-                .extend(str_attr(&chain, NFTA_CHAIN_NAME).map(String::from));
-        }
+    // Each kind is dumped with the table as a filter, which the kernel applies to rules and
+    // sets; it dumps the chains of every table of the family.
+    let dump = |ty: u16, table_attr: u16| -> Result<Vec<Vec<u8>>, Dump> {
+        let mut answers = request(socket, ty, NLM_F_DUMP, &named(table_attr, table))?;
+        answers.retain(|a| str_attr(a, table_attr) == Some(table));
+        Ok(answers)
+    };
+    for chain in dump(NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE)? {
+        feed_attrs(&mut print, &chain, NFTA_CHAIN_HANDLE);
+        state
+            .chains
+            .extend(str_attr(&chain, NFTA_CHAIN_NAME).map(String::from));
     }
 
-    let rules = request(
-        socket,
-        NFT_MSG_GETRULE,
-        NLM_F_DUMP,
-        &named(NFTA_RULE_TABLE, table),
-    )?;
-    for rule in rules
-        .iter()
-        .filter(|r| str_attr(r, NFTA_RULE_TABLE) == Some(table))
-    {
+    for rule in &dump(NFT_MSG_GETRULE, NFTA_RULE_TABLE)? {
         let chain = str_attr(rule, NFTA_RULE_CHAIN).unwrap_or_default();
         for (ty, payload) in attrs(rule).filter(|&(ty, _)| ty != NFTA_RULE_HANDLE) {
             print.write_u16(ty);
@@ -123,16 +118,7 @@ fn read_once(socket: &Socket, table: &str) -> Result<Option<TableState>, Dump> {
         }
     }
 
-    let sets = request(
-        socket,
-        NFT_MSG_GETSET,
-        NLM_F_DUMP,
-        &named(NFTA_SET_TABLE, table),
-    )?;
-    for set in sets
-        .iter()
-        .filter(|s| str_attr(s, NFTA_SET_TABLE) == Some(table))
-    {
+    for set in &dump(NFT_MSG_GETSET, NFTA_SET_TABLE)? {
         feed_attrs(&mut print, set, NFTA_SET_HANDLE);
         let Some(name) = str_attr(set, NFTA_SET_NAME) else {
             continue;
@@ -259,8 +245,8 @@ fn request(socket: &Socket, ty: u16, flags: u16, body: &[u8]) -> Result<Vec<Vec<
         socket.recv(&mut buf, 0).map_err(Dump::Io)?;
         let mut rest = &buf[..];
         while rest.len() >= 16 {
-            let len = (u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize)
-                .clamp(16, rest.len());
+            let len =
+                (u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize).clamp(16, rest.len());
             let msg_type = u16::from_ne_bytes([rest[4], rest[5]]);
             let msg_flags = u16::from_ne_bytes([rest[6], rest[7]]);
             let msg = &rest[..len];
