@@ -234,43 +234,66 @@ fn request(socket: &Socket, ty: u16, flags: u16, body: &[u8]) -> Result<Vec<Vec<
         body,
     );
     socket.send(&out, 0).map_err(Dump::Io)?;
-    let dump = flags & NLM_F_DUMP != 0;
-    let mut answers = Vec::new();
-    // Read on to the end of an interrupted dump, so that the next request's answer is not
-    // mistaken for this one's.
-    let mut interrupted = false;
+    let mut answer = Answer::new(flags & NLM_F_DUMP != 0);
     let mut buf = Vec::with_capacity(1 << 16);
     loop {
         buf.clear();
         socket.recv(&mut buf, 0).map_err(Dump::Io)?;
-        let mut rest = &buf[..];
-        while rest.len() >= 16 {
-            let len =
-                (u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize).clamp(16, rest.len());
-            let msg_type = u16::from_ne_bytes([rest[4], rest[5]]);
-            let msg_flags = u16::from_ne_bytes([rest[6], rest[7]]);
-            let msg = &rest[..len];
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-            interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
+        if let Some(done) = answer.take(&buf) {
+            return done;
+        }
+    }
+}
+
+/// The answer to one request, as its datagrams arrive.
+struct Answer {
+    dump: bool,
+    messages: Vec<Vec<u8>>,
+    /// Read on to the end of an interrupted dump, so that the next request's answer is not
+    /// mistaken for this one's.
+    interrupted: bool,
+}
+
+impl Answer {
+    fn new(dump: bool) -> Self {
+        Answer {
+            dump,
+            messages: Vec::new(),
+            interrupted: false,
+        }
+    }
+
+    /// Takes one datagram; the outcome once the answer is complete.
+    fn take(&mut self, mut datagram: &[u8]) -> Option<Result<Vec<Vec<u8>>, Dump>> {
+        while datagram.len() >= 16 {
+            let len = (u32::from_ne_bytes(datagram[0..4].try_into().unwrap()) as usize)
+                .clamp(16, datagram.len());
+            let msg_type = u16::from_ne_bytes([datagram[4], datagram[5]]);
+            let msg_flags = u16::from_ne_bytes([datagram[6], datagram[7]]);
+            let msg = &datagram[..len];
+            datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
+            self.interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
             let errno = match msg_type {
                 NLMSG_DONE => 0,
                 NLMSG_ERROR => msg
                     .get(16..20)
                     .map_or(0, |e| -i32::from_ne_bytes(e.try_into().unwrap())),
                 _ => {
-                    answers.push(msg.get(20..).unwrap_or_default().to_vec());
-                    if dump {
+                    self.messages
+                        .push(msg.get(20..).unwrap_or_default().to_vec());
+                    if self.dump {
                         continue;
                     }
                     0
                 }
             };
-            return match (errno, interrupted) {
-                (0, false) => Ok(answers),
+            return Some(match (errno, self.interrupted) {
+                (0, false) => Ok(std::mem::take(&mut self.messages)),
                 (0, true) => Err(Dump::Interrupted),
                 (errno, _) => Err(Dump::Kernel(errno)),
-            };
+            });
         }
+        None
     }
 }
 
@@ -291,6 +314,59 @@ mod tests {
         let mut other = Attrs(Vec::new());
         other.put_str(NFTA_EXPR_NAME, "immediate");
         assert_eq!(counter(&other.0), None);
+    }
+
+    /// A netlink message: header (type, flags) and body.
+    fn raw(ty: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+        let len = 16 + body.len() as u32;
+        let header = [len.to_ne_bytes(), [0; 4], 1u32.to_ne_bytes(), [0; 4]].concat();
+        let mut m = [header, body.to_vec()].concat();
+        m[4..6].copy_from_slice(&ty.to_ne_bytes());
+        m[6..8].copy_from_slice(&flags.to_ne_bytes());
+        m
+    }
+
+    /// An nf_tables message: the nfgenmsg header, then `attrs`.
+    fn msg(ty: u16, flags: u16, attrs: &[u8]) -> Vec<u8> {
+        raw(ty, flags, &[&[NFPROTO_INET, 0, 0, 0], attrs].concat())
+    }
+
+    #[test]
+    fn a_dump_is_read_to_its_end_even_when_interrupted() {
+        let chain = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
+        let mut dump = Answer::new(true);
+        let first = [msg(chain, 2, b"a\0\0\0"), msg(chain, 2, b"b\0\0\0")].concat();
+        assert!(dump.take(&first).is_none(), "more to come");
+        let done = raw(NLMSG_DONE, 2, &[0; 4]);
+        let got = dump.take(&done).unwrap().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(&got[1][..4], b"b\0\0\0");
+
+        let mut dump = Answer::new(true);
+        assert!(
+            dump.take(&msg(chain, 2 | NLM_F_DUMP_INTR, b"a\0\0\0"))
+                .is_none()
+        );
+        assert!(
+            dump.take(&msg(chain, 2, b"b\0\0\0")).is_none(),
+            "the rest of an interrupted dump is read"
+        );
+        assert!(matches!(dump.take(&done), Some(Err(Dump::Interrupted))));
+    }
+
+    #[test]
+    fn a_request_is_answered_by_one_message_or_an_error() {
+        let table = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
+        let got = Answer::new(false).take(&msg(table, 0, b"t\0\0\0"));
+        assert_eq!(got.unwrap().unwrap().len(), 1);
+        // NLMSG_ERROR: -ENOENT, then the request's header.
+        let error = raw(
+            NLMSG_ERROR,
+            0,
+            &[(-ENOENT).to_ne_bytes().to_vec(), vec![0; 16]].concat(),
+        );
+        let got = Answer::new(false).take(&error);
+        assert!(matches!(got, Some(Err(Dump::Kernel(ENOENT)))), "{got:?}");
     }
 
     #[test]
