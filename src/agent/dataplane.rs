@@ -1,7 +1,7 @@
 //! The node's table as the agent keeps it: what it last applied, a fingerprint of what the
 //! kernel held after that, and per-rule hit totals that survive table replacements.
-//! Synchronous (it talks netlink, and runs `nft` for some updates); the agent calls it from a
-//! blocking task.
+//! Synchronous (it talks netlink, and runs `nft` to remove the table); the agent calls it from
+//! a blocking task.
 //! Tested with [`FakeNft`](crate::nft::FakeNft).
 //!
 //! Reading the kernel's table back (over netlink, [`crate::nft::netlink::read`]) costs a
@@ -237,9 +237,7 @@ fn hit_key(r: &RuleRef) -> HitKey {
 
 /// Whether a table read has exactly the chains and sets of `rs`.
 fn same_names(table: &TableState, rs: &Ruleset) -> bool {
-    let names = |names: &BTreeSet<String>, of: Vec<&String>| {
-        names.iter().eq(of.into_iter().collect::<BTreeSet<_>>())
-    };
-    names(&table.chains, rs.chains.iter().map(|c| &c.name).collect())
-        && names(&table.sets, rs.sets.iter().map(|s| &s.name).collect())
+    let same = |read: &BTreeSet<String>, applied: BTreeSet<&String>| read.iter().eq(applied);
+    same(&table.chains, rs.chains.iter().map(|c| &c.name).collect())
+        && same(&table.sets, rs.sets.iter().map(|s| &s.name).collect())
 }

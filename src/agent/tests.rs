@@ -139,7 +139,7 @@ fn syncs_replace_then_update_elements_and_count_across_replacements() {
     let rs2 = nft::compile(&Resolved::new(&edited), Some("node-1"));
     let out = a.sync_blocking(edited.clone(), false).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
-    // The fake does not reset counters: list the new table as the kernel would.
+    // The fake does not reset counters: read the new table as the kernel would give it.
     *fake.table.lock().unwrap() =
         Some(read_back(&rs2, &BTreeMap::from([("Deny-Database-All", 1)])));
     let (hits, _) = a.dataplane.lock().unwrap().read_hits().unwrap();
@@ -153,7 +153,7 @@ fn drift_is_repaired_by_a_replacement() {
     let inv = three_tier();
     a.sync_blocking(inv.clone(), false).unwrap();
     let rs = a.dataplane.lock().unwrap().current().unwrap().clone();
-    // The fake had no table listed when the sync ran: the fingerprint is of "no table".
+    // The fake had no table to read when the sync ran: the fingerprint is of "no table".
     *fake.table.lock().unwrap() = Some(read_back(&rs, &BTreeMap::new()));
     let out = a.sync_blocking(inv.clone(), true).unwrap();
     assert_eq!(out.applied, Applied::Replaced);
