@@ -9,7 +9,8 @@ RUN cargo build --release --locked --bin kube-nsg \
  && strip target/release/kube-nsg
 
 FROM debian:bookworm-slim
-# nft: the agent applies its table with `nft -f -`. Nothing else is installed.
+# nft: for `nft list table inet kube-nsg` on a node; the agent itself talks netlink, and runs
+# nft only for a batch too large for its socket. Nothing else is installed.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables \
  && rm -rf /var/lib/apt/lists/*

@@ -85,7 +85,7 @@ struct TableGuard(String);
 
 impl Drop for TableGuard {
     fn drop(&mut self) {
-        let _ = nft::delete_table(&NftCommand::default(), &self.0);
+        let _ = NftCommand::default().delete_table(&self.0);
     }
 }
 
@@ -133,7 +133,7 @@ fn programming(table: &str) {
     let shape = format!("{}; {} KiB of text", size(&rs), text.len() / 1024);
     let (mut applier, mut plain, mut compile) = (vec![], vec![], vec![]);
     for _ in 0..3 {
-        nft::delete_table(&nftc, table).unwrap();
+        nftc.delete_table(table).unwrap();
         let t = Instant::now();
         let res = Resolved::new(&inv);
         let rs = nft::compile_with(&res, Some(NODE), &opts(table, Layout::Maps));
@@ -141,7 +141,7 @@ fn programming(table: &str) {
         nftc.replace(&rs).unwrap();
         applier.push(t.elapsed().as_secs_f64());
 
-        nft::delete_table(&nftc, table).unwrap();
+        nftc.delete_table(table).unwrap();
         let t = Instant::now();
         nft_file(&path);
         plain.push(t.elapsed().as_secs_f64());
@@ -488,7 +488,7 @@ fn commit_per_chain(table: &str) {
             || nftc.apply_elements(&change(false)).unwrap(),
         )
     });
-    nft::delete_table(&nftc, &t).unwrap();
+    nftc.delete_table(&t).unwrap();
     println!(
         "    the commit's walk over chains: one element added to a hash set beside 8,000 empty \
          chains {:.3} ms vs none {:.3} ms, ratio {:.2}",

@@ -667,8 +667,8 @@ async fn pod_churn_updates_elements_and_drift_is_repaired() {
 
     // Someone deletes the table: the agent notices at its next counter poll and puts it back.
     let removed = Instant::now();
-    kube_nsg::nft::delete_table(&kube_nsg::nft::NftCommand::default(), kube_nsg::nft::TABLE)
-        .unwrap();
+    let nft = kube_nsg::nft::NftCommand::default();
+    kube_nsg::nft::Nft::delete_table(&nft, kube_nsg::nft::TABLE).unwrap();
     while !table_exists() {
         assert!(
             removed.elapsed() < Duration::from_secs(15),

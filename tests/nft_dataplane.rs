@@ -27,7 +27,7 @@ fn require_root_and_nft() {
         "0",
         "the dataplane tests need root"
     );
-    if let Err(e) = nft::delete_table(&NftCommand::default(), "kube-nsg-probe-missing") {
+    if let Err(e) = NftCommand::default().apply(&nft::render_delete("kube-nsg-probe-missing")) {
         panic!("nft does not work here: {e}. Install nftables; these tests do not skip");
     }
     for tool in ["socat", "ping"] {
@@ -320,7 +320,7 @@ struct TableGuard(String);
 
 impl Drop for TableGuard {
     fn drop(&mut self) {
-        let _ = nft::delete_table(&NftCommand::default(), &self.0);
+        let _ = NftCommand::default().delete_table(&self.0);
     }
 }
 
@@ -526,6 +526,6 @@ fn real_packets_get_the_evaluators_verdicts() {
         let _ = s.kill();
         let _ = s.wait();
     }
-    nft::delete_table(&nftc, &table).unwrap();
+    nftc.delete_table(&table).unwrap();
     assert_eq!(nftc.read_table(&table).unwrap(), None);
 }

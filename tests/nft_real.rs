@@ -13,7 +13,7 @@ use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 fn require_nft() {
-    match nft::delete_table(&NftCommand::default(), "kube-nsg-probe-missing") {
+    match NftCommand::default().apply(&nft::render_delete("kube-nsg-probe-missing")) {
         Ok(_) => {}
         Err(e @ NftError::Spawn { .. }) => {
             panic!(
@@ -118,7 +118,7 @@ fn tables_loaded_over_netlink_list_as_their_text() {
             );
         }
     }
-    nft::delete_table(&nft, &t).unwrap();
+    nft.delete_table(&t).unwrap();
 }
 
 /// An element update, as a script and as the agent applies it, leaves the kernel with exactly
@@ -161,7 +161,7 @@ fn element_updates_in_the_kernel_equal_a_full_load() {
         assert_eq!(incremental, list(&t), "case {i}: after\n{script}");
         assert_eq!(by_netlink, list(&t), "case {i}: netlink\n{script}");
     }
-    nft::delete_table(&nft, &t).unwrap();
+    nft.delete_table(&t).unwrap();
     assert!(
         updates >= 8,
         "only {updates} of the cases were element updates"
@@ -193,8 +193,8 @@ fn counters_per_rule_and_cleanup() {
     assert_eq!(counters.len(), rs.rule_chains.len());
     assert!(counters.iter().all(|c| c.packets == 0));
     assert!(counters.iter().any(|c| c.rule.rule == "Deny-Database-All"));
-    nft::delete_table(&nft, &t).unwrap();
-    nft::delete_table(&nft, &t).unwrap();
+    nft.delete_table(&t).unwrap();
+    nft.delete_table(&t).unwrap();
     assert_eq!(nft.read_table(&t).unwrap(), None);
     assert!(nft::read_counters(&nft, &rs).unwrap().is_empty());
 }

@@ -170,7 +170,7 @@ impl Dataplane {
 
     /// Removes the table (idempotent): what `--cleanup` does.
     pub fn remove(&mut self) -> Result<(), NftError> {
-        nft::delete_table(&*self.nft, &self.table)?;
+        self.nft.delete_table(&self.table)?;
         self.current = None;
         self.known = Known::Unknown;
         self.last_raw.clear();

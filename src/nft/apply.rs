@@ -41,6 +41,10 @@ pub trait Nft {
     fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
         self.apply(&update.script())
     }
+    /// Removes table `inet TABLE`, if it is there; by default as its script.
+    fn delete_table(&self, table: &str) -> Result<(), NftError> {
+        self.apply(&render_delete(table))
+    }
     /// Reads table `inet TABLE` back; `None` when there is no such table.
     fn read_table(&self, table: &str) -> Result<Option<TableState>, NftError>;
 }
@@ -163,6 +167,13 @@ impl Nft for NftCommand {
         }
     }
 
+    fn delete_table(&self, table: &str) -> Result<(), NftError> {
+        if self.check_only {
+            return self.apply(&render_delete(table));
+        }
+        netlink::delete_table(table)
+    }
+
     fn read_table(&self, table: &str) -> Result<Option<TableState>, NftError> {
         netlink::read(table)
     }
@@ -231,11 +242,6 @@ pub fn sync(
     };
     *current = Some(new);
     Ok(applied)
-}
-
-/// Removes the table (idempotent).
-pub fn delete_table(nft: &dyn Nft, table: &str) -> Result<(), NftError> {
-    nft.apply(&render_delete(table))
 }
 
 /// How often one NSG rule decided a new flow on this node since the table was last replaced.
@@ -316,7 +322,7 @@ mod tests {
         fake.apply("add element inet t s { 1.2.3.4 }").unwrap();
         *fake.reject_containing.lock().unwrap() = Some("delete".into());
         assert!(matches!(
-            delete_table(&fake, "t"),
+            fake.delete_table("t"),
             Err(NftError::Rejected { .. })
         ));
         assert_eq!(fake.scripts().len(), 1);

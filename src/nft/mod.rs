@@ -77,8 +77,8 @@ mod render;
 mod ruleset;
 
 pub use apply::{
-    Applied, FakeNft, Nft, NftCommand, NftError, RuleCounter, TableState, delete_table,
-    read_counters, rule_counters, sync,
+    Applied, FakeNft, Nft, NftCommand, NftError, RuleCounter, TableState, read_counters,
+    rule_counters, sync,
 };
 pub use compile::{
     CompileOptions, HostTraffic, Layout, PodIndex, TABLE, compile, compile_indexed, compile_with,

@@ -190,6 +190,7 @@ const DEFAULT_SEND_BUFFER: usize = 212_992;
 pub const EMSGSIZE: i32 = 90;
 
 /// Netlink attributes, appended to a message.
+#[derive(Clone)]
 struct Attrs(Vec<u8>);
 
 impl Attrs {
@@ -417,6 +418,11 @@ pub fn apply(table: &str, ops: &[SetElems]) -> Result<(), NftError> {
 /// `render_replace` script does.
 pub fn replace(rs: &Ruleset) -> Result<(), NftError> {
     send(&table::replace(rs))
+}
+
+/// Removes table `inet TABLE` in one transaction, if it is there.
+pub fn delete_table(table: &str) -> Result<(), NftError> {
+    send(&table::delete(table))
 }
 
 /// A netfilter netlink socket talking to the kernel.

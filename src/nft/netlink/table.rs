@@ -106,6 +106,39 @@ pub fn replace(rs: &Ruleset) -> Batch {
     l.batch.end()
 }
 
+/// The batch that removes table `inet TABLE`: adding it first makes the delete succeed when
+/// it is not there, as `render_delete`'s script does.
+pub fn delete(table: &str) -> Batch {
+    let mut batch = Batch::begin();
+    for (ty, flags, attrs, what) in add_and_delete(table) {
+        batch.push(ty, flags, &attrs.0, what);
+    }
+    batch.end()
+}
+
+/// The messages that add table `inet TABLE` and delete it again.
+fn add_and_delete(table: &str) -> [(u16, u16, Attrs, String); 2] {
+    let named = || {
+        let mut a = Attrs(Vec::new());
+        a.put_str(NFTA_TABLE_NAME, table);
+        a
+    };
+    [
+        (
+            NFT_MSG_NEWTABLE,
+            NLM_F_CREATE,
+            named(),
+            format!("adding table inet {table}"),
+        ),
+        (
+            NFT_MSG_DELTABLE,
+            0,
+            named(),
+            format!("deleting table inet {table}"),
+        ),
+    ]
+}
+
 struct Loader<'a> {
     batch: Batch,
     table: &'a str,
@@ -159,17 +192,11 @@ impl<'a> Loader<'a> {
         self.batch.push(ty, flags, &attrs.0, what);
     }
 
-    /// Adding the table first makes the delete succeed when it did not exist.
+    /// Deletes the table, whether it was there or not, and adds it again, empty.
     fn replace_table(&mut self) {
-        let t = self.table;
-        for (ty, flags, verb) in [
-            (NFT_MSG_NEWTABLE, NLM_F_CREATE, "adding"),
-            (NFT_MSG_DELTABLE, 0, "deleting"),
-            (NFT_MSG_NEWTABLE, NLM_F_CREATE, "adding"),
-        ] {
-            let mut a = Attrs(Vec::new());
-            a.put_str(NFTA_TABLE_NAME, t);
-            self.push(ty, flags, a, format!("{verb} table inet {t}"));
+        let [add, delete] = add_and_delete(self.table);
+        for (ty, flags, attrs, what) in [add.clone(), delete, add] {
+            self.push(ty, flags, attrs, what);
         }
     }
 
