@@ -181,6 +181,19 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
+// Shared with `table` and `read`.
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
 /// An attribute's length is a u16: a message carries at most this many bytes of elements,
 /// a larger list is split over several messages of the same batch.
 const MAX_ELEMENTS_BYTES: usize = 60_000;
@@ -353,28 +366,29 @@ pub fn batch(table: &str, ops: &[SetElems]) -> Batch {
 /// several messages (an attribute's length is a u16). A set created in the same batch is
 /// also named by its `id`.
 fn set_elements(b: &mut Batch, table: &str, set: &str, id: Option<u32>, op: Op, elems: &[Elem]) {
-    let (ty, flags, verb) = match op {
-        Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "adding"),
-        Op::Delete => (NFT_MSG_DELSETELEM, 0, "deleting"),
-        Op::Flush => {
-            // A delete without an element list empties the set.
-            let mut a = Attrs(Vec::new());
-            a.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
-            a.put_str(NFTA_SET_ELEM_LIST_SET, set);
-            let what = format!("flushing set {set} in table inet {table}");
-            b.push(NFT_MSG_DELSETELEM, 0, &a.0, what);
-            return;
-        }
-    };
-    let mut list = Attrs(Vec::new());
-    let mut n = 0;
-    let mut flush = |list: &mut Attrs, n: &mut usize| {
+    let header = || {
         let mut a = Attrs(Vec::new());
         a.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         a.put_str(NFTA_SET_ELEM_LIST_SET, set);
         if let Some(id) = id {
             a.put(NFTA_SET_ELEM_LIST_SET_ID, &id.to_be_bytes());
         }
+        a
+    };
+    let (ty, flags, verb) = match op {
+        Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "adding"),
+        Op::Delete => (NFT_MSG_DELSETELEM, 0, "deleting"),
+        Op::Flush => {
+            // A delete without an element list empties the set.
+            let what = format!("flushing set {set} in table inet {table}");
+            b.push(NFT_MSG_DELSETELEM, 0, &header().0, what);
+            return;
+        }
+    };
+    let mut list = Attrs(Vec::new());
+    let mut n = 0;
+    let mut push_list = |list: &mut Attrs, n: &mut usize| {
+        let mut a = header();
         a.put_nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list.0);
         let what = format!("{verb} {n} element(s) of set {set} in table inet {table}");
         b.push(ty, flags, &a.0, what);
@@ -384,28 +398,59 @@ fn set_elements(b: &mut Batch, table: &str, set: &str, id: Option<u32>, op: Op, 
     for e in elems {
         let encoded = encode_elem(e, op);
         if n > 0 && list.0.len() + encoded.len() > MAX_ELEMENTS_BYTES {
-            flush(&mut list, &mut n);
+            push_list(&mut list, &mut n);
         }
         list.0.extend_from_slice(&encoded);
         n += 1;
     }
     if n > 0 {
-        flush(&mut list, &mut n);
+        push_list(&mut list, &mut n);
     }
 }
 
-/// The (sequence number, error) of every acknowledgement or error in one datagram.
-fn answers(mut buf: &[u8]) -> Vec<(u32, i32)> {
-    let mut out = Vec::new();
-    while buf.len() >= 20 {
-        let u32_at = |i: usize| u32::from_ne_bytes(buf[i..i + 4].try_into().unwrap());
-        let len = (u32_at(0) as usize).clamp(16, buf.len());
-        if u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-            out.push((u32_at(8), u32_at(16) as i32));
-        }
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+/// One message of a datagram from the kernel: header fields and the whole message.
+struct Received<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    bytes: &'a [u8],
+}
+
+impl Received<'_> {
+    /// An `NLMSG_ERROR` message's error: a negative errno, or 0 for an acknowledgement.
+    fn error(&self) -> i32 {
+        self.bytes
+            .get(16..20)
+            .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()))
     }
-    out
+}
+
+/// The messages of one datagram.
+fn received(mut datagram: &[u8]) -> impl Iterator<Item = Received<'_>> {
+    std::iter::from_fn(move || {
+        if datagram.len() < 16 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_ne_bytes(datagram[i..i + 4].try_into().unwrap());
+        let u16_at = |i: usize| u16::from_ne_bytes([datagram[i], datagram[i + 1]]);
+        let len = (u32_at(0) as usize).clamp(16, datagram.len());
+        let msg = Received {
+            ty: u16_at(4),
+            flags: u16_at(6),
+            seq: u32_at(8),
+            bytes: &datagram[..len],
+        };
+        datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
+        Some(msg)
+    })
+}
+
+/// The (sequence number, error) of every acknowledgement or error in one datagram.
+fn answers(buf: &[u8]) -> Vec<(u32, i32)> {
+    received(buf)
+        .filter(|m| m.ty == NLMSG_ERROR)
+        .map(|m| (m.seq, m.error()))
+        .collect()
 }
 
 /// Applies `ops` to table `inet TABLE` in one transaction. An error names the message the

@@ -15,12 +15,17 @@ use std::hash::{DefaultHasher, Hasher};
 
 use netlink_sys::Socket;
 
-use super::{Attrs, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NLMSG_ERROR, message, socket};
+use super::{
+    Attrs, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_SET_ANONYMOUS, NFTA_CHAIN_NAME,
+    NFTA_CHAIN_TABLE, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS,
+    NFTA_RULE_TABLE, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE,
+    NFTA_SET_FLAGS, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_TABLE_NAME, NLM_F_REQUEST, NLMSG_ERROR,
+    message, received, socket,
+};
 use crate::nft::apply::{NftError, TableState};
 
 // linux/netlink.h, linux/netfilter/nf_tables.h
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_DUMP: u16 = 0x300;
 const NFT_MSG_GETTABLE: u16 = 1;
@@ -28,25 +33,10 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_HANDLE: u16 = 4;
-const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_HANDLE: u16 = 2;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_HANDLE: u16 = 3;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_SET_TABLE: u16 = 1;
-const NFTA_SET_NAME: u16 = 2;
-const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_HANDLE: u16 = 16;
-const NFT_SET_ANONYMOUS: u32 = 0x1;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_EXPR_NAME: u16 = 1;
-const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 const ENOENT: i32 = 2;
@@ -56,15 +46,13 @@ const ATTEMPTS: usize = 3;
 /// Reads table `inet TABLE`; `None` when there is no such table.
 pub fn read(table: &str) -> Result<Option<TableState>, NftError> {
     let socket = socket()?;
-    let mut last = None;
     for _ in 0..ATTEMPTS {
         match read_once(&socket, table) {
-            Err(Dump::Interrupted) => last = Some(Dump::Interrupted),
-            Err(e) => return Err(e.into()),
-            Ok(state) => return Ok(state),
+            Err(Dump::Interrupted) => continue,
+            done => return done.map_err(NftError::from),
         }
     }
-    Err(last.expect("attempted").into())
+    Err(Dump::Interrupted.into())
 }
 
 fn read_once(socket: &Socket, table: &str) -> Result<Option<TableState>, Dump> {
@@ -264,23 +252,15 @@ impl Answer {
     }
 
     /// Takes one datagram; the outcome once the answer is complete.
-    fn take(&mut self, mut datagram: &[u8]) -> Option<Result<Vec<Vec<u8>>, Dump>> {
-        while datagram.len() >= 16 {
-            let len = (u32::from_ne_bytes(datagram[0..4].try_into().unwrap()) as usize)
-                .clamp(16, datagram.len());
-            let msg_type = u16::from_ne_bytes([datagram[4], datagram[5]]);
-            let msg_flags = u16::from_ne_bytes([datagram[6], datagram[7]]);
-            let msg = &datagram[..len];
-            datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
-            self.interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
-            let errno = match msg_type {
+    fn take(&mut self, datagram: &[u8]) -> Option<Result<Vec<Vec<u8>>, Dump>> {
+        for msg in received(datagram) {
+            self.interrupted |= msg.flags & NLM_F_DUMP_INTR != 0;
+            let errno = match msg.ty {
                 NLMSG_DONE => 0,
-                NLMSG_ERROR => msg
-                    .get(16..20)
-                    .map_or(0, |e| -i32::from_ne_bytes(e.try_into().unwrap())),
+                NLMSG_ERROR => -msg.error(),
                 _ => {
                     self.messages
-                        .push(msg.get(20..).unwrap_or_default().to_vec());
+                        .push(msg.bytes.get(20..).unwrap_or_default().to_vec());
                     if self.dump {
                         continue;
                     }
