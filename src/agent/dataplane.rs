@@ -101,7 +101,8 @@ impl Dataplane {
     /// the next sync replaces it whole.
     pub fn sync(&mut self, new: Ruleset, check_drift: bool) -> Result<SyncOutcome, NftError> {
         let mut drift_repaired = false;
-        if check_drift && self.current.is_some() {
+        let checked = check_drift && self.current.is_some();
+        if checked {
             match self.read_back() {
                 Ok(table) => {
                     self.count(table.as_ref());
@@ -117,8 +118,9 @@ impl Dataplane {
             .current
             .as_ref()
             .is_some_and(|c| c.same_structure(&new));
-        if replacing && self.current.is_some() && !self.slow() {
-            // A replacement starts every counter from zero: take what the old table counted.
+        if replacing && self.current.is_some() && !checked && !self.slow() {
+            // A replacement starts every counter from zero: take what the old table counted
+            // (the drift check just did).
             if let Ok(table) = self.read_back() {
                 self.count(table.as_ref());
             }
