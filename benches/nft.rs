@@ -162,34 +162,34 @@ fn programming(table: &str) {
     );
     let _ = std::fs::remove_file(&path);
     // What the agent reads back (fingerprint, counters) against `nft -j list` of the table.
-    let (mut read, mut json) = (vec![], vec![]);
-    for _ in 0..3 {
-        let t = Instant::now();
-        let state = nftc.read_table(table).unwrap().expect("the table");
-        read.push(t.elapsed().as_secs_f64());
-        assert_eq!(state.chains.len(), rs.chains.len());
-        let t = Instant::now();
-        let out = Command::new("nft")
-            .args(["-j", "list", "table", "inet", table])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        json.push(t.elapsed().as_secs_f64());
-    }
-    let (r, j) = (median(read), median(json));
+    let r = timed(
+        3,
+        || {
+            let state = nftc.read_table(table).unwrap().expect("the table");
+            assert_eq!(state.chains.len(), rs.chains.len());
+        },
+        || {},
+    );
+    let j = timed(
+        3,
+        || {
+            let out = Command::new("nft")
+                .args(["-j", "list", "table", "inet", table])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        },
+        || {},
+    );
     // A rule edit on such a node replaces the loaded table: the old one goes in the same
     // transaction. The load alone, into no table, for comparison (both over netlink).
-    let (mut over, mut fresh) = (vec![], vec![]);
-    for _ in 0..3 {
-        let t = Instant::now();
-        nftc.replace(&rs).unwrap();
-        over.push(t.elapsed().as_secs_f64());
-        nftc.delete_table(table).unwrap();
-        let t = Instant::now();
-        nftc.replace(&rs).unwrap();
-        fresh.push(t.elapsed().as_secs_f64());
-    }
-    let (over, fresh) = (median(over), median(fresh));
+    let over = timed(3, || nftc.replace(&rs).unwrap(), || {});
+    nftc.delete_table(table).unwrap();
+    let fresh = timed(
+        3,
+        || nftc.replace(&rs).unwrap(),
+        || nftc.delete_table(table).unwrap(),
+    );
     let (a, p, c) = (median(applier), median(plain), median(compile));
     println!("(b) programming 4,096 rules + 10,000 pod IPs (node with 110 pods):");
     println!("    table: {shape}");
