@@ -81,6 +81,23 @@ impl Default for NftCommand {
 }
 
 impl NftCommand {
+    /// Sends a change over netlink (`send`; `None` when it cannot be encoded), or runs its
+    /// `script` through `nft -f`: in check mode (`-c`), for what cannot be encoded, and for a
+    /// batch too large for the socket's send buffer (without CAP_NET_ADMIN).
+    fn netlink_or_script(
+        &self,
+        send: impl FnOnce() -> Option<Result<(), NftError>>,
+        script: impl FnOnce() -> String,
+    ) -> Result<(), NftError> {
+        match (!self.check_only).then(send).flatten() {
+            Some(Err(NftError::Netlink(e))) if e.raw_os_error() == Some(netlink::EMSGSIZE) => {
+                self.apply(&script())
+            }
+            Some(done) => done,
+            None => self.apply(&script()),
+        }
+    }
+
     pub fn check() -> Self {
         NftCommand {
             check_only: true,
@@ -139,39 +156,24 @@ impl Nft for NftCommand {
     }
 
     /// Over netlink: nft would spend longer parsing a large table's text than the kernel
-    /// takes to load it. Checks (`-c`) and batches too large for the socket's send buffer
-    /// (without CAP_NET_ADMIN) go through `nft -f`.
+    /// takes to load it.
     fn replace(&self, rs: &Ruleset) -> Result<(), NftError> {
-        if self.check_only {
-            return self.apply(&render_replace(rs));
-        }
-        match netlink::replace(rs) {
-            Err(NftError::Netlink(e)) if e.raw_os_error() == Some(netlink::EMSGSIZE) => {
-                self.apply(&render_replace(rs))
-            }
-            done => done,
-        }
+        self.netlink_or_script(|| Some(netlink::replace(rs)), || render_replace(rs))
     }
 
-    /// Over netlink, which skips nft's cache of every interval set in the ruleset. Through
-    /// `nft` instead: checks (`-c`) and batches too large for the socket's send buffer.
+    /// Over netlink, which skips nft's cache of every interval set in the ruleset.
     fn apply_elements(&self, update: &ElementUpdate) -> Result<(), NftError> {
-        match netlink::ops(update).filter(|_| !self.check_only) {
-            Some(ops) => match netlink::apply(&update.table, &ops) {
-                Err(NftError::Netlink(e)) if e.raw_os_error() == Some(netlink::EMSGSIZE) => {
-                    self.apply(&update.script())
-                }
-                done => done,
-            },
-            None => self.apply(&update.script()),
-        }
+        self.netlink_or_script(
+            || netlink::ops(update).map(|ops| netlink::apply(&update.table, &ops)),
+            || update.script(),
+        )
     }
 
     fn delete_table(&self, table: &str) -> Result<(), NftError> {
-        if self.check_only {
-            return self.apply(&render_delete(table));
-        }
-        netlink::delete_table(table)
+        self.netlink_or_script(
+            || Some(netlink::delete_table(table)),
+            || render_delete(table),
+        )
     }
 
     fn read_table(&self, table: &str) -> Result<Option<TableState>, NftError> {
