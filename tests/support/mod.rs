@@ -388,6 +388,8 @@ impl Controller {
             .args(&args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube_nsg=debug")
+            // As the chart runs it (charts/kube-nsg/templates/controller.yaml).
+            .env("MIMALLOC_PURGE_DELAY", "0")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
