@@ -188,6 +188,20 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
             "two rules of the same direction have the same priority; priorities must be unique per direction",
         ),
         (
+            "duplicate outbound priority",
+            nsg(
+                "default",
+                "bad-dup-out-priority",
+                "subnet: true",
+                &[
+                    "{name: o1, priority: 300, direction: Outbound, access: Allow, protocol: Tcp, sourceAddressPrefix: '*', destinationAddressPrefix: '*'}",
+                    &rule(""),
+                    "{name: o2, priority: 300, direction: Outbound, access: Deny, protocol: Udp, sourceAddressPrefix: '*', destinationAddressPrefix: '*'}",
+                ],
+            ),
+            "two rules of the same direction have the same priority; priorities must be unique per direction",
+        ),
+        (
             "bad CIDR",
             nsg(
                 "default",
@@ -271,6 +285,33 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
     let err = apply(&dup).expect_err("an update with a duplicate priority was accepted");
     assert!(
         err.contains("priorities must be unique per direction"),
+        "{err}"
+    );
+
+    // The largest group the schema allows stays within CEL's run-time cost limit, created and
+    // changed (the API server stops an expression at run time, past what it estimated at
+    // CRD install); one rule more is refused by the schema.
+    let max = kube_nsg::model::RuleLimits::RULES_PER_GROUP;
+    let rules = |count: usize, port: u32| -> Vec<String> {
+        (0..count)
+            .map(|i| format!(
+                "{{name: r{i}, priority: {}, direction: Inbound, access: Allow, protocol: Tcp, \
+                 sourceAddressPrefix: '*', destinationAddressPrefix: '*', destinationPortRange: '{}'}}",
+                100 + i,
+                port + i as u32
+            ))
+            .collect()
+    };
+    let largest = |count: usize, port: u32| {
+        let rules = rules(count, port);
+        let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
+        nsg(&ns.name, "largest", "subnet: false", &rules)
+    };
+    apply_ok(&largest(max, 1000));
+    apply_ok(&largest(max, 2000));
+    let err = apply(&largest(max + 1, 1000)).expect_err("a group over the rule limit was accepted");
+    assert!(
+        err.contains(&format!("must have at most {max} items")),
         "{err}"
     );
 }

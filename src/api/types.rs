@@ -66,16 +66,20 @@ pub struct NetworkSecurityGroupSpec {
     /// The security rules, with Azure's property names. The six default rules
     /// (AllowVNetInBound, AllowAzureLoadBalancerInBound, DenyAllInbound, AllowVnetOutBound,
     /// AllowInternetOutBound, DenyAllOutBound, at 65000-65500) are always present after these.
-    /// At most 800 rules (Azure allows 1000; the API server's CEL cost budget for checking
-    /// unique priorities allows 800).
+    /// At most 700 rules (Azure allows 1000; the API server's CEL cost limit for checking
+    /// unique priorities allows 700).
     #[serde(default)]
-    #[schemars(length(max = 800))]
+    #[schemars(length(max = crate::model::RuleLimits::RULES_PER_GROUP))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         // Ratcheted: an unchanged rule list (every status write, metadata edits) is not checked
-        // again. The check is quadratic in the rules, and the API server runs a CRD's CEL
-        // rules on status writes too: at 50 rules it cost ~1 s of API-server CPU per write.
-        validation = Rule::new("oldSelf.optMap(o, o == self).orValue(false) || self.all(r, self.exists_one(o, o.priority == r.priority && o.direction == r.direction))").optional_old_self(true).message("two rules of the same direction have the same priority; priorities must be unique per direction")
+        // again; the API server runs a CRD's CEL rules on status writes too. The check maps
+        // each rule to one signed integer (direction as the sign) and compares the integers
+        // with the native `indexOf`/`lastIndexOf` (Kubernetes 1.25+); interpreted pairwise
+        // (`self.all(r, self.exists_one(o, ...))`) it was three quarters of the API server's
+        // work: creating the controller benchmark's 100 groups of 50 rules took 13.3 s, now
+        // 3.8 s (3.3 s without any CEL). The one-element list binds the mapped list.
+        validation = Rule::new("oldSelf.optMap(o, o == self).orValue(false) || [self.map(r, r.direction == 'Inbound' ? r.priority : -r.priority)].all(k, k.all(p, k.indexOf(p) == k.lastIndexOf(p)))").optional_old_self(true).message("two rules of the same direction have the same priority; priorities must be unique per direction")
     )]
     pub security_rules: Vec<SecurityRule>,
 }
