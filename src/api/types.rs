@@ -1,3 +1,4 @@
+use crate::model::RuleLimits;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -69,7 +70,7 @@ pub struct NetworkSecurityGroupSpec {
     /// At most 700 rules (Azure allows 1000; the API server's CEL cost limit for checking
     /// unique priorities allows 700).
     #[serde(default)]
-    #[schemars(length(max = crate::model::RuleLimits::RULES_PER_GROUP))]
+    #[schemars(length(max = RuleLimits::RULES_PER_GROUP))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         // Ratcheted: an unchanged rule list (every status write, metadata edits) is not checked
@@ -148,7 +149,7 @@ pub struct SecurityRule {
     pub source_address_prefix: Option<String>,
     /// Several source prefixes (an augmented rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 400), inner(length(max = 64), regex(pattern = ADDRESS_PATTERN)))]
+    #[schemars(length(min = 1, max = RuleLimits::PREFIXES_PER_RULE), inner(length(max = 64), regex(pattern = ADDRESS_PATTERN)))]
     pub source_address_prefixes: Option<Vec<String>>,
     /// `*`, `N` or `N-M`. Defaults to `*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,7 +157,7 @@ pub struct SecurityRule {
     #[x_kube(validation = Rule::new(port_check("self")).message(PORT_MESSAGE))]
     pub source_port_range: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 100), inner(length(max = 11)))]
+    #[schemars(length(min = 1, max = RuleLimits::PORT_RANGES_PER_RULE), inner(length(max = 11)))]
     #[x_kube(validation = Rule::new(each(port_check)).message(PORT_MESSAGE))]
     pub source_port_ranges: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,7 +165,7 @@ pub struct SecurityRule {
     #[x_kube(validation = Rule::new(address_check("self")).message(ADDRESS_MESSAGE))]
     pub destination_address_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 400), inner(length(max = 64), regex(pattern = ADDRESS_PATTERN)))]
+    #[schemars(length(min = 1, max = RuleLimits::PREFIXES_PER_RULE), inner(length(max = 64), regex(pattern = ADDRESS_PATTERN)))]
     pub destination_address_prefixes: Option<Vec<String>>,
     /// `*`, `N` or `N-M`. Defaults to `*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,16 +173,16 @@ pub struct SecurityRule {
     #[x_kube(validation = Rule::new(port_check("self")).message(PORT_MESSAGE))]
     pub destination_port_range: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 100), inner(length(max = 11)))]
+    #[schemars(length(min = 1, max = RuleLimits::PORT_RANGES_PER_RULE), inner(length(max = 11)))]
     #[x_kube(validation = Rule::new(each(port_check)).message(PORT_MESSAGE))]
     pub destination_port_ranges: Option<Vec<String>>,
     /// Application security groups whose member pods are the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 10))]
+    #[schemars(length(min = 1, max = RuleLimits::ASGS_PER_RULE))]
     pub source_application_security_groups: Option<Vec<AsgReference>>,
     /// Application security groups whose member pods are the destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 10))]
+    #[schemars(length(min = 1, max = RuleLimits::ASGS_PER_RULE))]
     pub destination_application_security_groups: Option<Vec<AsgReference>>,
 }
 
