@@ -292,18 +292,15 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
     // changed (the API server stops an expression at run time, past what it estimated at
     // CRD install); one rule more is refused by the schema.
     let max = kube_nsg::model::RuleLimits::RULES_PER_GROUP;
-    let rules = |count: usize, port: u32| -> Vec<String> {
-        (0..count)
+    let largest = |count: usize, port: u32| {
+        let rules: Vec<String> = (0..count)
             .map(|i| format!(
                 "{{name: r{i}, priority: {}, direction: Inbound, access: Allow, protocol: Tcp, \
                  sourceAddressPrefix: '*', destinationAddressPrefix: '*', destinationPortRange: '{}'}}",
                 100 + i,
                 port + i as u32
             ))
-            .collect()
-    };
-    let largest = |count: usize, port: u32| {
-        let rules = rules(count, port);
+            .collect();
         let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
         nsg(&ns.name, "largest", "subnet: false", &rules)
     };
