@@ -2,6 +2,10 @@
 # Build: docker build -t kube-nsg:dev .   (tests/kind/e2e.sh does this for kind)
 FROM rust:1.89-slim-bookworm AS build
 WORKDIR /src
+# make: tikv-jemalloc-sys builds jemalloc from its C sources.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 # Only the binary's own sources are needed; build it alone.

@@ -66,9 +66,9 @@
 //! NSG its converted model, conditions and a digest of the rest of its status; a
 //! NetworkPolicy its metadata and a digest of its normalised spec; a compiled policy between
 //! passes its spec as JSON text), lists come in small pages, write responses are metadata
-//! only, the runtime has one thread, and the allocator (mimalloc, in `main.rs`) returns freed
-//! pages (at once with the chart's `MIMALLOC_PURGE_DELAY=0`). The touched program text is
-//! more than a third of the resident memory. See the benchmark for the figures.
+//! only, the runtime has one thread, and the allocator (jemalloc, in `main.rs`) returns emptied
+//! pages (at once with the chart's `_RJEM_MALLOC_CONF`). The touched program text is about
+//! half of the resident memory. See the benchmark for the figures.
 
 pub mod cache;
 pub mod compile;
@@ -164,7 +164,8 @@ pub enum Error {
 
 /// [`run`] on its own Tokio runtime, for a synchronous `main`. One thread: the controller is
 /// I/O-bound (its CPU work, a compile, takes tens to hundreds of milliseconds per change), and
-/// one thread means one allocator heap, which at 2,000 pods halves the resident memory.
+/// one thread means one allocator cache, which at 2,000 pods halved the resident memory
+/// (measured with mimalloc's per-thread heaps).
 pub fn run_blocking(args: ControllerArgs) -> Result<(), Error> {
     daemon::block_on(run(args))?
 }

@@ -389,7 +389,10 @@ impl Controller {
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube_nsg=debug")
             // As the chart runs it (charts/kube-nsg/templates/controller.yaml).
-            .env("MIMALLOC_PURGE_DELAY", "0")
+            .env(
+                "_RJEM_MALLOC_CONF",
+                "narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0",
+            )
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
