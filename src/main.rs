@@ -8,7 +8,7 @@ use kube_nsg::cli::{self, CliError};
 // jemalloc: its small objects live in slabs of a few 4 KiB pages, so the pages a burst
 // leaves partly used (the first lists, a pass that rewrites every status) are few; with
 // the chart's `_RJEM_MALLOC_CONF` (no decay) emptied pages go back at once. Controller
-// benchmark (2,000 pods, 100 groups): 13.4-14.1 MB of heap, against 17.5-18.4 MB with
+// benchmark (2,000 pods, 100 groups): 13.2-14.1 MB of heap, against 17.5-19.1 MB with
 // mimalloc v2 (64 KiB pages) and 24.7 MB with glibc's malloc.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
