@@ -41,7 +41,7 @@ impl Rng {
 
 // The allocator of the `kube-nsg` binary, so compiling costs here what it costs the controller.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: kube_nsg::Allocator = kube_nsg::Allocator;
 
 const APPS: [&str; 5] = ["web", "api", "db", "cache", "worker"];
 const NAMESPACES: usize = 100;

@@ -32,7 +32,7 @@ use nft_support::netns::{Lab, NetnsPod};
 // The allocator of the `kube-nsg` binary, so compiling costs here what it costs the agent
 // (glibc's malloc took 16% more instructions to compile this benchmark's node).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: kube_nsg::Allocator = kube_nsg::Allocator;
 
 /// Sockets of the flood: each a flow of its own (its own source port).
 const FLOWS: u16 = 1024;

@@ -11,7 +11,7 @@ use kube_nsg::cli::{self, CliError};
 // benchmark (2,000 pods, 100 groups): 13.2-14.1 MB of heap, against 17.5-19.1 MB with
 // mimalloc v2 (64 KiB pages) and 24.7 MB with glibc's malloc.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: kube_nsg::Allocator = kube_nsg::Allocator;
 
 #[derive(Parser)]
 #[command(
