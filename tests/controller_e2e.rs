@@ -321,6 +321,22 @@ fn three_tier_example_gets_labels_policies_and_status() {
     let tt = example.ns("three-tier");
     let ctl = Controller::start("three-tier", &[]);
 
+    // The CRDs' category: one `kubectl get` lists the kinds together.
+    let mut listed: Vec<String> = kubectl_ok(&["get", "kubensg", "-n", tt, "-o", "name"])
+        .lines()
+        .map(String::from)
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "applicationsecuritygroup.kubensg.io/asgdb",
+            "applicationsecuritygroup.kubensg.io/asglogic",
+            "applicationsecuritygroup.kubensg.io/asgweb",
+            "networksecuritygroup.kubensg.io/nsg1",
+        ]
+    );
+
     let nsg1 = eventually("nsg1 Ready", T, || nsg_ready(tt, "nsg1"));
     for (pod, asg) in [
         ("web1", "asgweb"),
