@@ -32,9 +32,18 @@ kubectl create namespace "$ns" >/dev/null
 # Other tests applied the CRDs with kubectl: take them over.
 "$helm" install kube-nsg charts/kube-nsg -n "$ns" --force-conflicts --set virtualNetwork='{10.244.0.0/16,10.96.0.0/16}'
 kubectl -n "$ns" get deployment/kube-nsg-controller daemonset/kube-nsg-agent >/dev/null
+# The budget covers exactly the Deployment's pods (the local control plane runs no
+# disruption controller to count them).
+budget=$(kubectl -n "$ns" get pdb kube-nsg-controller -o jsonpath='{.spec.selector.matchLabels}')
+pods=$(kubectl -n "$ns" get deployment kube-nsg-controller -o jsonpath='{.spec.selector.matchLabels}')
+[[ $budget == "$pods" ]] || fail "the PodDisruptionBudget selects $budget, the Deployment $pods"
 "$helm" upgrade kube-nsg charts/kube-nsg -n "$ns" --set controller.mode=permissive --set controller.replicas=1
 [[ $(kubectl -n "$ns" get deployment kube-nsg-controller -o jsonpath='{.spec.template.spec.containers[0].args}') == *--mode=permissive* ]] ||
   fail "upgrade did not change the controller's mode"
+# A budget over one replica would block every node drain: the upgrade to one removed it.
+if kubectl -n "$ns" get pdb kube-nsg-controller >/dev/null 2>&1; then
+  fail "the PodDisruptionBudget outlived the upgrade to one replica"
+fi
 "$helm" uninstall kube-nsg -n "$ns" --wait
 left=$(kubectl get clusterrole,clusterrolebinding -o name | grep kube-nsg || true)
 [[ -z $left ]] || fail "uninstall left $left"
