@@ -334,6 +334,16 @@ fn free_port() -> u16 {
 }
 
 /// A `kube-nsg controller` child process.
+/// The allocator setting the chart gives the controller (`_RJEM_MALLOC_CONF` in
+/// charts/kube-nsg/templates/controller.yaml), so the tests run it as the chart does.
+fn chart_allocator_conf() -> &'static str {
+    const CHART: &str = include_str!("../../charts/kube-nsg/templates/controller.yaml");
+    CHART
+        .split_once("name: _RJEM_MALLOC_CONF")
+        .and_then(|(_, rest)| rest.split('"').nth(1))
+        .expect("the chart's controller sets _RJEM_MALLOC_CONF to a quoted value")
+}
+
 pub struct Controller {
     child: Option<Child>,
     /// The Lease this controller made up for itself, deleted when it is dropped.
@@ -388,11 +398,7 @@ impl Controller {
             .args(&args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,kube_nsg=debug")
-            // As the chart runs it (charts/kube-nsg/templates/controller.yaml).
-            .env(
-                "_RJEM_MALLOC_CONF",
-                "narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0",
-            )
+            .env("_RJEM_MALLOC_CONF", chart_allocator_conf())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
