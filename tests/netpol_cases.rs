@@ -129,16 +129,7 @@ fn inventory(nsgs: Vec<Nsg>, asgs: Vec<Asg>, pods: Vec<Pod>) -> Inventory {
             prefixes: vec!["192.0.2.0/24".parse().unwrap()],
         }],
         pods,
-        namespaces: ["a", "b"]
-            .iter()
-            .map(|n| Namespace {
-                name: n.to_string(),
-                labels: BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_string(),
-                    n.to_string(),
-                )]),
-            })
-            .collect(),
+        namespaces: vec![Namespace::named("a"), Namespace::named("b")],
         virtual_network: vec![
             "10.244.0.0/16".parse().unwrap(),
             "fd00:10:244::/64".parse().unwrap(),

@@ -458,13 +458,8 @@ fn cluster_of(nsgs: Vec<Nsg>, asgs: Vec<Asg>, pods: Vec<Pod>) -> Inventory {
         pods,
         namespaces: common::NAMESPACES
             .iter()
-            .map(|n| Namespace {
-                name: n.to_string(),
-                labels: BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_string(),
-                    n.to_string(),
-                )]),
-            })
+            .copied()
+            .map(Namespace::named)
             .collect(),
         virtual_network: common::VIRTUAL_NETWORK
             .iter()

@@ -1,7 +1,6 @@
 //! API objects into model objects. This is also the Rust-side validation: the offline CLI
 //! and the controller see the same messages, each naming the object, the rule and the field.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Pod as ApiPod};
@@ -372,15 +371,10 @@ pub fn pod_from_api(pod: &ApiPod) -> Option<Pod> {
 }
 
 pub fn namespace_from_api(ns: &ApiNamespace) -> Namespace {
-    let mut labels: BTreeMap<String, String> = ns.labels().clone();
-    // The API server sets this label on every namespace; offline YAML may omit it.
-    labels
-        .entry("kubernetes.io/metadata.name".into())
-        .or_insert_with(|| ns.name_any());
-    Namespace {
-        name: ns.name_any(),
-        labels,
-    }
+    // The API server sets the name label on every namespace; offline YAML may omit it.
+    let mut namespace = Namespace::named(ns.name_any());
+    namespace.labels.extend(ns.labels().clone());
+    namespace
 }
 
 #[cfg(test)]

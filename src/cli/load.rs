@@ -148,10 +148,7 @@ impl Objects {
             .map(|p| p.id.namespace.clone())
             .filter(|n| !known.contains(n))
             .collect();
-        namespaces.extend(implied.into_iter().map(|name| Namespace {
-            labels: [("kubernetes.io/metadata.name".to_string(), name.clone())].into(),
-            name,
-        }));
+        namespaces.extend(implied.into_iter().map(Namespace::named));
         Ok(Inventory {
             nsgs,
             asgs,

@@ -70,10 +70,24 @@ pub struct Pod {
     pub node_name: Option<String>,
 }
 
+/// The label every namespace carries with its own name (set by the API server).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Namespace {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+}
+
+impl Namespace {
+    /// A namespace with only the label the API server gives every namespace, its name.
+    pub fn named(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Namespace {
+            labels: BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), name.clone())]),
+            name,
+        }
+    }
 }
 
 /// Everything the semantics depend on: the groups, the pods they apply to, and the

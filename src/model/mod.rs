@@ -14,7 +14,7 @@ mod selector;
 pub use address::{AddressPrefix, WellKnownTag};
 pub use error::{ValidationError, ValidationErrors};
 pub use intervals::{IntervalSet, IpSet};
-pub use inventory::{Asg, Inventory, Namespace, ObjectRef, Pod, ServiceTag};
+pub use inventory::{Asg, Inventory, NAMESPACE_NAME_LABEL, Namespace, ObjectRef, Pod, ServiceTag};
 pub use ports::PortRange;
 pub use rule::{
     Access, AsgRef, Direction, Endpoint, Nsg, Protocol, RuleLimits, SecurityRule, default_rules,

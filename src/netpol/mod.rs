@@ -94,8 +94,6 @@ use crate::resolve::Resolved;
 
 pub use types::NetworkPolicy;
 
-/// The label every namespace carries with its own name (set by the API server).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "kube-nsg";
 /// Label naming the group that owns a generated policy.

@@ -9,8 +9,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::model::{IntervalSet, IpSet};
 
+use super::asg_label_key;
 use super::types::{IpBlock, Peer, Selector, SelectorRequirement};
-use super::{NAMESPACE_NAME_LABEL, asg_label_key};
+use crate::model::NAMESPACE_NAME_LABEL;
 
 // ---------------------------------------------------------------------------------------------
 // ipBlocks

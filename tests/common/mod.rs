@@ -275,16 +275,7 @@ pub fn inventory() -> impl Strategy<Value = Inventory> {
                 vec![]
             },
             pods,
-            namespaces: NAMESPACES
-                .iter()
-                .map(|n| Namespace {
-                    name: n.to_string(),
-                    labels: BTreeMap::from([(
-                        "kubernetes.io/metadata.name".to_string(),
-                        n.to_string(),
-                    )]),
-                })
-                .collect(),
+            namespaces: NAMESPACES.iter().copied().map(Namespace::named).collect(),
             virtual_network: VIRTUAL_NETWORK
                 .iter()
                 .map(|n| n.parse::<IpNet>().unwrap())

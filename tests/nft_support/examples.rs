@@ -139,10 +139,7 @@ pub fn three_tier() -> Inventory {
             pod(ns, "logic1", "logic", &["10.244.1.20"], "node-1"),
             pod(ns, "db1", "db", &["10.244.1.30"], "node-1"),
         ],
-        namespaces: vec![Namespace {
-            name: ns.into(),
-            labels: BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
-        }],
+        namespaces: vec![Namespace::named(ns)],
         virtual_network: vec![
             "10.244.0.0/16".parse().unwrap(),
             "fd00:10:244::/56".parse().unwrap(),
