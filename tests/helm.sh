@@ -32,6 +32,14 @@ kubectl create namespace "$ns" >/dev/null
 # Other tests applied the CRDs with kubectl: take them over.
 "$helm" install kube-nsg charts/kube-nsg -n "$ns" --force-conflicts --set virtualNetwork='{10.244.0.0/16,10.96.0.0/16}'
 kubectl -n "$ns" get deployment/kube-nsg-controller daemonset/kube-nsg-agent >/dev/null
+# No ReplicaSet or DaemonSet controller runs here: a server-side dry run admits one pod of
+# each template (priority class, service account, security context).
+for workload in deployment/kube-nsg-controller daemonset/kube-nsg-agent; do
+  kubectl -n "$ns" get "$workload" -o json |
+    jq '{apiVersion: "v1", kind: "Pod", metadata: (.spec.template.metadata + {name: "dry-run"}), spec: .spec.template.spec}' |
+    kubectl -n "$ns" create --dry-run=server -f - >/dev/null ||
+    fail "the API server does not admit a pod of $workload"
+done
 # The budget covers exactly the Deployment's pods (the local control plane runs no
 # disruption controller to count them).
 budget=$(kubectl -n "$ns" get pdb kube-nsg-controller -o jsonpath='{.spec.selector.matchLabels}')
