@@ -7,11 +7,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{IntervalSet, IpSet};
+use crate::model::{IntervalSet, IpSet, NAMESPACE_NAME_LABEL};
 
 use super::asg_label_key;
 use super::types::{IpBlock, Peer, Selector, SelectorRequirement};
-use crate::model::NAMESPACE_NAME_LABEL;
 
 // ---------------------------------------------------------------------------------------------
 // ipBlocks

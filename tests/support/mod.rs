@@ -333,7 +333,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A `kube-nsg controller` child process.
 /// The allocator setting the chart gives the controller (`_RJEM_MALLOC_CONF` in
 /// charts/kube-nsg/templates/controller.yaml), so the tests run it as the chart does.
 fn chart_allocator_conf() -> &'static str {
@@ -344,6 +343,7 @@ fn chart_allocator_conf() -> &'static str {
         .expect("the chart's controller sets _RJEM_MALLOC_CONF to a quoted value")
 }
 
+/// A `kube-nsg controller` child process.
 pub struct Controller {
     child: Option<Child>,
     /// The Lease this controller made up for itself, deleted when it is dropped.
