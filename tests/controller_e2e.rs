@@ -185,7 +185,7 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
                     "{name: s, priority: 100, direction: Inbound, access: Deny, protocol: Udp, sourceAddressPrefix: '*', destinationAddressPrefix: '*'}",
                 ],
             ),
-            "two rules of the same direction have the same priority; priorities must be unique per direction",
+            "spec.securityRules: Invalid value: rules \"r\" and \"s\" have the same Inbound priority; priorities must be unique per direction",
         ),
         (
             "duplicate outbound priority",
@@ -199,7 +199,7 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
                     "{name: o2, priority: 300, direction: Outbound, access: Deny, protocol: Udp, sourceAddressPrefix: '*', destinationAddressPrefix: '*'}",
                 ],
             ),
-            "two rules of the same direction have the same priority; priorities must be unique per direction",
+            "spec.securityRules: Invalid value: rules \"o1\" and \"o2\" have the same Outbound priority; priorities must be unique per direction",
         ),
         (
             "bad CIDR",
@@ -224,6 +224,18 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
                 ],
             ),
             "spec.securityRules[0].destinationAddressPrefix: Invalid value: \"10.1.2.3/8\": address prefixes must be",
+        ),
+        (
+            "octet out of range in a prefix list",
+            nsg(
+                "default",
+                "bad-octet",
+                "subnet: true",
+                &[
+                    "{name: r, priority: 100, direction: Inbound, access: Allow, protocol: Tcp, sourceAddressPrefixes: [10.0.0.0/8, 10.0.0.300], destinationAddressPrefix: '*'}",
+                ],
+            ),
+            "spec.securityRules[0].sourceAddressPrefixes[1]: Invalid value: \"10.0.0.300\"",
         ),
         (
             "reversed port range",
@@ -306,6 +318,13 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
     };
     apply_ok(&largest(max, 1000));
     apply_ok(&largest(max, 2000));
+    // Naming the two rules costs as much as the check: past 500 rules the message does not.
+    let dup = largest(max, 1000).replacen("priority: 101,", "priority: 100,", 1);
+    let err = apply(&dup).expect_err("the largest group with a duplicate priority was accepted");
+    assert!(
+        err.contains("Invalid value: two rules of the same direction have the same priority"),
+        "{err}"
+    );
     let err = apply(&largest(max + 1, 1000)).expect_err("a group over the rule limit was accepted");
     assert!(
         err.contains(&format!("must have at most {max} items")),
