@@ -248,6 +248,23 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
             "spec.securityRules[0].destinationPortRange: Invalid value: \"90-80\": port ranges must be '*', a port N or a range N-M with N <= M <= 65535",
         ),
         (
+            "reversed range in a port list",
+            nsg(
+                "default",
+                "bad-port-list",
+                "subnet: true",
+                &[&rule(", destinationPortRanges: ['80', '90-80']")],
+            ),
+            "spec.securityRules[0].destinationPortRanges: Invalid value: \"90-80\": port ranges must be '*', a port N or a range N-M with N <= M <= 65535",
+        ),
+        (
+            "service tag prefix with host bits",
+            "apiVersion: kubensg.io/v1alpha1\nkind: ServiceTag\nmetadata: {name: bad-tag}\n\
+             spec: {addressPrefixes: [10.0.0.0/8, 10.0.0.1/8]}\n"
+                .to_string(),
+            "spec.addressPrefixes: Invalid value: \"10.0.0.1/8\": each prefix must be an IP address or a CIDR block without host bits",
+        ),
+        (
             "duplicate rule name",
             nsg(
                 "default",

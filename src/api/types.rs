@@ -1,5 +1,6 @@
 use crate::model::RuleLimits;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,11 @@ fn address_check(v: &str) -> String {
 const ADDRESS_MESSAGE: &str = "address prefixes must be '*', 'Any', an IP address, a CIDR block \
     without host bits (e.g. 10.0.0.0/8) or a service tag name (e.g. VirtualNetwork)";
 
+/// CEL that holds when `v` is an IP address or a CIDR block without host bits.
+fn tag_prefix_check(v: &str) -> String {
+    format!("isIP({v}) || (isCIDR({v}) && cidr({v}) == cidr({v}).masked())")
+}
+
 /// The message when two rules of one direction share a priority, naming them. It runs only
 /// when the check failed, so a duplicate exists. Finding the pair costs as much as the check,
 /// and above 500 rules more than the API server allows one expression, so larger groups get
@@ -44,8 +50,13 @@ const DUPLICATE_PRIORITY_MESSAGE: &str = "self.size() > 500 ? 'two rules of the 
     .map(n, 'rules \"' + n[0].name + '\" and \"' + n[1].name + '\" have the same ' + n[0].direction \
     + ' priority; priorities must be unique per direction')[0])[0]";
 
-fn each(check: fn(&str) -> String) -> String {
-    format!("self.all(x, {})", check("x"))
+/// A check of every item of a list; when it fails, the message quotes the first failing
+/// item, as the API server quotes a failing scalar field.
+fn each(check: fn(&str) -> String, message: &str) -> Rule {
+    let check = check("x");
+    Rule::new(format!("self.all(x, {check})")).message(Message::Expression(format!(
+        "'\"' + self.filter(x, !({check}))[0] + '\": ' + \"{message}\""
+    )))
 }
 
 /// A network security group: priority-ordered allow and deny rules for the pods it is
@@ -172,7 +183,7 @@ pub struct SecurityRule {
     pub source_port_range: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = RuleLimits::PORT_RANGES_PER_RULE), inner(length(max = 11)))]
-    #[x_kube(validation = Rule::new(each(port_check)).message(PORT_MESSAGE))]
+    #[x_kube(validation = each(port_check, PORT_MESSAGE))]
     pub source_port_ranges: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
@@ -188,7 +199,7 @@ pub struct SecurityRule {
     pub destination_port_range: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = RuleLimits::PORT_RANGES_PER_RULE), inner(length(max = 11)))]
-    #[x_kube(validation = Rule::new(each(port_check)).message(PORT_MESSAGE))]
+    #[x_kube(validation = each(port_check, PORT_MESSAGE))]
     pub destination_port_ranges: Option<Vec<String>>,
     /// Application security groups whose member pods are the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -334,7 +345,7 @@ pub struct ApplicationSecurityGroupStatus {
 pub struct ServiceTagSpec {
     /// IPv4 and IPv6 CIDR blocks (or single addresses).
     #[schemars(length(max = 4000), inner(length(max = 43)))]
-    #[x_kube(validation = Rule::new("self.all(p, isIP(p) || (isCIDR(p) && cidr(p) == cidr(p).masked()))").message("each prefix must be an IP address or a CIDR block without host bits"))]
+    #[x_kube(validation = each(tag_prefix_check, "each prefix must be an IP address or a CIDR block without host bits"))]
     pub address_prefixes: Vec<String>,
 }
 
