@@ -258,6 +258,18 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
             "spec.securityRules[0].destinationPortRanges: Invalid value: \"90-80\": port ranges must be '*', a port N or a range N-M with N <= M <= 65535",
         ),
         (
+            "ASG reference that is no object name",
+            nsg(
+                "default",
+                "bad-asg-ref",
+                "subnet: true",
+                &[
+                    "{name: r, priority: 100, direction: Inbound, access: Allow, protocol: Tcp, sourceApplicationSecurityGroups: [{name: Web_Tier}], destinationAddressPrefix: '*'}",
+                ],
+            ),
+            "spec.securityRules[0].sourceApplicationSecurityGroups[0].name: Invalid value: \"Web_Tier\"",
+        ),
+        (
             "service tag prefix with host bits",
             "apiVersion: kubensg.io/v1alpha1\nkind: ServiceTag\nmetadata: {name: bad-tag}\n\
              spec: {addressPrefixes: [10.0.0.0/8, 10.0.0.1/8]}\n"
