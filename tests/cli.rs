@@ -197,8 +197,8 @@ fn invalid_objects_are_all_reported_with_file_object_rule_and_field() {
     assert!(!out.status.success());
     let err = stderr(&out);
     for expected in [
-        "tests/testdata/invalid-nsg.yaml: NetworkSecurityGroup three-tier/broken rule \"reversed-ports\": spec.securityRules[0].destinationPortRange[0]: range \"90-80\" is reversed",
-        "rule \"bad-cidr\": spec.securityRules[1].sourceAddressPrefix[0]: \"10.0.0.1/8\" has host bits set",
+        "tests/testdata/invalid-nsg.yaml: NetworkSecurityGroup three-tier/broken rule \"reversed-ports\": spec.securityRules[0].destinationPortRange: range \"90-80\" is reversed",
+        "rule \"bad-cidr\": spec.securityRules[1].sourceAddressPrefix: \"10.0.0.1/8\" has host bits set",
         "rule \"bad-cidr\": spec.securityRules[1].priority: Inbound 200 is already used by rule \"reversed-ports\"",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");

@@ -73,24 +73,35 @@ pub fn selector_from_api(sel: &ApiSelector) -> Result<LabelSelector, String> {
 }
 
 /// Takes the singular or the plural form of a property (Azure allows one of them).
+/// The values of a field written in its single form (`...Prefix`, `...Range`) or its list
+/// form (`...Prefixes`, `...Ranges`), each with the path that names it in a problem.
 fn one_or_many<'a>(
     problems: &mut Problems,
     rule: &str,
     field: &str,
     single: &'a Option<String>,
     many: &'a Option<Vec<String>>,
-) -> Vec<&'a str> {
+) -> Vec<(String, &'a str)> {
+    let list = if field.ends_with('x') {
+        format!("{field}es")
+    } else {
+        format!("{field}s")
+    };
     match (single, many) {
         (Some(_), Some(_)) => {
             problems.push(
                 Some(rule),
                 field.into(),
-                format!("{field} and {field}s are exclusive"),
+                format!("{field} and {list} are exclusive"),
             );
             vec![]
         }
-        (Some(s), None) => vec![s.as_str()],
-        (None, Some(v)) => v.iter().map(String::as_str).collect(),
+        (Some(s), None) => vec![(field.to_string(), s.as_str())],
+        (None, Some(v)) => v
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{list}[{i}]"), s.as_str()))
+            .collect(),
         (None, None) => vec![],
     }
 }
@@ -143,22 +154,22 @@ fn endpoint(
                 .collect(),
         ),
         None if texts.is_empty() => {
-            problems.push(
-                Some(rule),
-                format!("{path}.{side}AddressPrefix"),
-                format!("a {side} is required: {side}AddressPrefix(es) or {side}ApplicationSecurityGroups"),
-            );
+            // Both forms at once is reported by `one_or_many` already.
+            if prefix.is_none() || prefixes.is_none() {
+                problems.push(
+                    Some(rule),
+                    format!("{path}.{side}AddressPrefix"),
+                    format!("a {side} is required: {side}AddressPrefix(es) or {side}ApplicationSecurityGroups"),
+                );
+            }
             Endpoint::any()
         }
         None => Endpoint::Prefixes(
             texts
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| {
+                .into_iter()
+                .filter_map(|(field, t)| {
                     t.parse::<AddressPrefix>()
-                        .map_err(|e| {
-                            problems.push(Some(rule), format!("{path}.{side}AddressPrefix[{i}]"), e)
-                        })
+                        .map_err(|e| problems.push(Some(rule), field, e))
                         .ok()
                 })
                 .collect(),
@@ -179,11 +190,10 @@ fn ports(
         return vec![PortRange::ALL];
     }
     texts
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| {
+        .into_iter()
+        .filter_map(|(field, t)| {
             t.parse::<PortRange>()
-                .map_err(|e| problems.push(Some(rule), format!("{path}.{field}[{i}]"), e))
+                .map_err(|e| problems.push(Some(rule), field, e))
                 .ok()
         })
         .collect()
@@ -388,6 +398,43 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn problems_name_the_field_as_written() {
+        let nsg: NetworkSecurityGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubensg.io/v1alpha1",
+            "kind": "NetworkSecurityGroup",
+            "metadata": {"namespace": "a", "name": "g"},
+            "spec": {"subnet": true, "securityRules": [
+                {"name": "one", "priority": 100, "direction": "Inbound", "access": "Allow",
+                 "protocol": "Tcp", "sourceAddressPrefix": "10.0.0.1/8",
+                 "destinationAddressPrefix": "*", "destinationPortRange": "9-8"},
+                {"name": "list", "priority": 200, "direction": "Inbound", "access": "Allow",
+                 "protocol": "Tcp", "sourceAddressPrefixes": ["10.0.0.0/8", "fd00::zz"],
+                 "destinationAddressPrefix": "*", "destinationPortRanges": ["80", "9-8"]},
+                {"name": "both", "priority": 300, "direction": "Inbound", "access": "Allow",
+                 "protocol": "Tcp", "sourceAddressPrefix": "*", "sourceAddressPrefixes": ["*"],
+                 "destinationAddressPrefix": "*"},
+            ]},
+        }))
+        .unwrap();
+        let fields: Vec<String> = Nsg::try_from(&nsg)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.securityRules[0].sourceAddressPrefix",
+                "spec.securityRules[0].destinationPortRange",
+                "spec.securityRules[1].sourceAddressPrefixes[1]",
+                "spec.securityRules[1].destinationPortRanges[1]",
+                "spec.securityRules[2].sourceAddressPrefix",
+            ]
+        );
     }
 
     #[test]
