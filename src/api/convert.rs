@@ -72,9 +72,8 @@ pub fn selector_from_api(sel: &ApiSelector) -> Result<LabelSelector, String> {
     })
 }
 
-/// Takes the singular or the plural form of a property (Azure allows one of them).
-/// The values of a field written in its single form (`...Prefix`, `...Range`) or its list
-/// form (`...Prefixes`, `...Ranges`), each with the path that names it in a problem.
+/// Takes the singular or the plural form of a property (Azure allows one of them): its
+/// values, each with the path that names it in a problem (`...Prefix`, `...Prefixes[1]`).
 fn one_or_many<'a>(
     problems: &mut Problems,
     rule: &str,
