@@ -258,7 +258,7 @@ fn cel_rejects_invalid_groups_at_apply_with_clear_messages() {
             "spec.securityRules[0].destinationPortRanges: Invalid value: \"90-80\": port ranges must be '*', a port N or a range N-M with N <= M <= 65535",
         ),
         (
-            "ASG reference that is no object name",
+            "ASG reference that is not an object name",
             nsg(
                 "default",
                 "bad-asg-ref",
