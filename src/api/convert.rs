@@ -74,13 +74,14 @@ pub fn selector_from_api(sel: &ApiSelector) -> Result<LabelSelector, String> {
 
 /// Takes the singular or the plural form of a property (Azure allows one of them): its
 /// values, each with the path that names it in a problem (`...Prefix`, `...Prefixes[1]`).
+/// `None` when both are written (reported here).
 fn one_or_many<'a>(
     problems: &mut Problems,
     rule: &str,
     field: &str,
     single: &'a Option<String>,
     many: &'a Option<Vec<String>>,
-) -> Vec<(String, &'a str)> {
+) -> Option<Vec<(String, &'a str)>> {
     let list = if field.ends_with('x') {
         format!("{field}es")
     } else {
@@ -93,15 +94,16 @@ fn one_or_many<'a>(
                 field.into(),
                 format!("{field} and {list} are exclusive"),
             );
-            vec![]
+            None
         }
-        (Some(s), None) => vec![(field.to_string(), s.as_str())],
-        (None, Some(v)) => v
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("{list}[{i}]"), s.as_str()))
-            .collect(),
-        (None, None) => vec![],
+        (Some(s), None) => Some(vec![(field.to_string(), s.as_str())]),
+        (None, Some(v)) => Some(
+            v.iter()
+                .enumerate()
+                .map(|(i, s)| (format!("{list}[{i}]"), s.as_str()))
+                .collect(),
+        ),
+        (None, None) => Some(vec![]),
     }
 }
 
@@ -126,13 +128,15 @@ fn endpoint(
         prefixes,
         asgs,
     } = side;
-    let texts = one_or_many(
+    let Some(texts) = one_or_many(
         problems,
         rule,
         &format!("{path}.{side}AddressPrefix"),
         prefix,
         prefixes,
-    );
+    ) else {
+        return Endpoint::any();
+    };
     match asgs {
         Some(asgs) if !texts.is_empty() => {
             problems.push(
@@ -153,14 +157,11 @@ fn endpoint(
                 .collect(),
         ),
         None if texts.is_empty() => {
-            // Both forms at once is reported by `one_or_many` already.
-            if prefix.is_none() || prefixes.is_none() {
-                problems.push(
-                    Some(rule),
-                    format!("{path}.{side}AddressPrefix"),
-                    format!("a {side} is required: {side}AddressPrefix(es) or {side}ApplicationSecurityGroups"),
-                );
-            }
+            problems.push(
+                Some(rule),
+                format!("{path}.{side}AddressPrefix"),
+                format!("a {side} is required: {side}AddressPrefix(es) or {side}ApplicationSecurityGroups"),
+            );
             Endpoint::any()
         }
         None => Endpoint::Prefixes(
@@ -184,7 +185,8 @@ fn ports(
     single: &Option<String>,
     many: &Option<Vec<String>>,
 ) -> Vec<PortRange> {
-    let texts = one_or_many(problems, rule, &format!("{path}.{field}"), single, many);
+    let texts =
+        one_or_many(problems, rule, &format!("{path}.{field}"), single, many).unwrap_or_default();
     if texts.is_empty() {
         return vec![PortRange::ALL];
     }

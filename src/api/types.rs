@@ -21,34 +21,56 @@ const PORT_MESSAGE: &str = "port ranges must be '*', a port N or a range N-M wit
 /// and reports it in status.
 const ADDRESS_PATTERN: &str = r"^(\*|[A-Za-z][A-Za-z0-9._-]*|(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}(/([0-9]|[12][0-9]|3[0-2]))?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))?)$";
 
+/// CEL that holds when `v` is an IP address or a CIDR block without host bits.
+fn ip_or_cidr_check(v: &str) -> String {
+    format!("isIP({v}) || (isCIDR({v}) && cidr({v}) == cidr({v}).masked())")
+}
+
 /// CEL that holds when `v` is `*`/`Any`, an IP address, a CIDR block without host bits, or a
 /// service tag name.
 fn address_check(v: &str) -> String {
     format!(
-        "{v} == '*' || {v}.lowerAscii() == 'any' || isIP({v}) \
-         || (isCIDR({v}) && cidr({v}) == cidr({v}).masked()) \
-         || ({v}.matches('^[A-Za-z][A-Za-z0-9._-]*$') && !isCIDR({v}))"
+        "{v} == '*' || {v}.lowerAscii() == 'any' || {} \
+         || ({v}.matches('^[A-Za-z][A-Za-z0-9._-]*$') && !isCIDR({v}))",
+        ip_or_cidr_check(v)
     )
 }
 const ADDRESS_MESSAGE: &str = "address prefixes must be '*', 'Any', an IP address, a CIDR block \
     without host bits (e.g. 10.0.0.0/8) or a service tag name (e.g. VirtualNetwork)";
 
-/// CEL that holds when `v` is an IP address or a CIDR block without host bits.
-fn tag_prefix_check(v: &str) -> String {
-    format!("isIP({v}) || (isCIDR({v}) && cidr({v}) == cidr({v}).masked())")
-}
+/// A lower-case RFC 1123 subdomain: what an object name is.
+const OBJECT_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 
-/// The message when two rules of one direction share a priority, naming them. It runs only
-/// when the check failed, so a duplicate exists. Finding the pair costs as much as the check,
-/// and above 500 rules more than the API server allows one expression, so larger groups get
-/// the message without names. (`string(int)` and `join` would name the priority or every
-/// such rule, but the API server's cost estimate for them exceeds the CRD's total budget.)
-const DUPLICATE_PRIORITY_MESSAGE: &str = "self.size() > 500 ? 'two rules of the same direction have the same priority; priorities must be unique per direction' \
-    : [[self.map(r, r.direction == 'Inbound' ? r.priority : -r.priority)]\
-    .map(k, k.filter(p, k.indexOf(p) != k.lastIndexOf(p))[0])[0]]\
-    .map(d, [self.filter(r, (r.direction == 'Inbound' ? r.priority : -r.priority) == d)]\
-    .map(n, 'rules \"' + n[0].name + '\" and \"' + n[1].name + '\" have the same ' + n[0].direction \
-    + ' priority; priorities must be unique per direction')[0])[0]";
+/// Two rules of one direction share no priority.
+///
+/// Ratcheted: an unchanged rule list (every status write, metadata edits) is not checked
+/// again; the API server runs a CRD's CEL rules on status writes too. The check maps each rule
+/// to one signed integer (direction as the sign) and compares the integers with the native
+/// `indexOf`/`lastIndexOf` (Kubernetes 1.25+); interpreted pairwise (`self.all(r,
+/// self.exists_one(o, ...))`) it was three quarters of the API server's work: creating the
+/// controller benchmark's 100 groups of 50 rules took 13.3 s, now 3.8 s (3.3 s without any
+/// CEL). The one-element list binds the mapped list.
+///
+/// The message names the two rules. It runs only when the check failed, so a duplicate
+/// exists. Finding the pair costs as much as the check, and above 500 rules more than the API
+/// server allows one expression, so larger groups get the message without names.
+/// (`string(int)` and `join` would name the priority or every such rule, but the API
+/// server's cost estimate for them exceeds the CRD's total budget.)
+fn unique_priorities() -> Rule {
+    let key = "r.direction == 'Inbound' ? r.priority : -r.priority";
+    let unique = "priorities must be unique per direction";
+    Rule::new(format!(
+        "oldSelf.optMap(o, o == self).orValue(false) || [self.map(r, {key})].all(k, k.all(p, k.indexOf(p) == k.lastIndexOf(p)))"
+    ))
+    .optional_old_self(true)
+    .message(Message::Expression(format!(
+        "self.size() > 500 ? 'two rules of the same direction have the same priority; {unique}' \
+         : [[self.map(r, {key})].map(k, k.filter(p, k.indexOf(p) != k.lastIndexOf(p))[0])[0]]\
+         .map(d, [self.filter(r, ({key}) == d)]\
+         .map(n, 'rules \"' + n[0].name + '\" and \"' + n[1].name + '\" have the same ' + n[0].direction \
+         + ' priority; {unique}')[0])[0]"
+    )))
+}
 
 /// A check of every item of a list; when it fails, the message quotes the first failing
 /// item, as the API server quotes a failing scalar field.
@@ -98,14 +120,7 @@ pub struct NetworkSecurityGroupSpec {
     #[schemars(length(max = RuleLimits::RULES_PER_GROUP))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
-        // Ratcheted: an unchanged rule list (every status write, metadata edits) is not checked
-        // again; the API server runs a CRD's CEL rules on status writes too. The check maps
-        // each rule to one signed integer (direction as the sign) and compares the integers
-        // with the native `indexOf`/`lastIndexOf` (Kubernetes 1.25+); interpreted pairwise
-        // (`self.all(r, self.exists_one(o, ...))`) it was three quarters of the API server's
-        // work: creating the controller benchmark's 100 groups of 50 rules took 13.3 s, now
-        // 3.8 s (3.3 s without any CEL). The one-element list binds the mapped list.
-        validation = Rule::new("oldSelf.optMap(o, o == self).orValue(false) || [self.map(r, r.direction == 'Inbound' ? r.priority : -r.priority)].all(k, k.all(p, k.indexOf(p) == k.lastIndexOf(p)))").optional_old_self(true).message(Message::Expression(DUPLICATE_PRIORITY_MESSAGE.into()))
+        validation = unique_priorities()
     )]
     pub security_rules: Vec<SecurityRule>,
 }
@@ -218,7 +233,7 @@ pub struct AsgReference {
     /// An object name (an ApplicationSecurityGroup's name is at most 63 characters).
     #[schemars(
         length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        regex(pattern = OBJECT_NAME_PATTERN)
     )]
     pub name: String,
     /// Defaults to the group's own namespace.
@@ -344,7 +359,7 @@ pub struct ApplicationSecurityGroupStatus {
     shortname = "stag",
     category = "kubensg",
     status = "ServiceTagStatus",
-    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(self.metadata.name) <= 80").message("a ServiceTag's name is how rules name it: lower-case letters, digits, '-' and '.', at most 80 characters"),
+    validation = Rule::new(format!("self.metadata.name.matches('{OBJECT_NAME_PATTERN}') && size(self.metadata.name) <= 80")).message("a ServiceTag's name is how rules name it: lower-case letters, digits, '-' and '.', at most 80 characters"),
     printcolumn = r#"{"name":"Prefixes","type":"integer","jsonPath":".status.prefixCount"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -352,7 +367,7 @@ pub struct ApplicationSecurityGroupStatus {
 pub struct ServiceTagSpec {
     /// IPv4 and IPv6 CIDR blocks (or single addresses).
     #[schemars(length(max = 4000), inner(length(max = 43)))]
-    #[x_kube(validation = each(tag_prefix_check, "each prefix must be an IP address or a CIDR block without host bits"))]
+    #[x_kube(validation = each(ip_or_cidr_check, "each prefix must be an IP address or a CIDR block without host bits"))]
     pub address_prefixes: Vec<String>,
 }
 
