@@ -1279,3 +1279,86 @@ fn service_tags_expand_in_rules_and_report_their_references() {
     assert_eq!(condition(&t, "Accepted").unwrap()["status"], "True");
     assert_policies_match_compiler(n);
 }
+
+#[test]
+fn the_largest_groups_get_a_status_that_fits_in_etcd() {
+    cluster();
+    let _serial = serial();
+    let ns = TestNamespace::new("large");
+    let n = ns.name.as_str();
+    // 700 rules of 80 addresses each: 1.2 MB of JSON, which etcd (1.5 MiB per object) stores,
+    // but not again as a status listing every rule with every address.
+    let addresses = 80;
+    let rule = |i: usize| {
+        let prefixes: Vec<String> = (0..addresses)
+            .map(|j| format!("10.{}.{}.{}/32", i % 200, j / 250, j % 250 + 1))
+            .collect();
+        format!(
+            "{{name: r{i:03}, priority: {}, direction: {}, access: Allow, protocol: Tcp, \
+             sourceAddressPrefixes: [{}], destinationAddressPrefix: VirtualNetwork, \
+             destinationPortRanges: ['1000', '2000-2999']}}",
+            100 + i / 2,
+            ["Inbound", "Outbound"][i % 2],
+            prefixes.join(", ")
+        )
+    };
+    let rules: Vec<String> = (0..kube_nsg::model::RuleLimits::RULES_PER_GROUP)
+        .map(rule)
+        .collect();
+    let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
+    // `create`: `apply` would add the whole spec again as an annotation, over the limit.
+    let out = kubectl_in(
+        &["create", "-f", "-"],
+        Some(&nsg(n, "large", "subnet: true", &rules)),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    create_pod(n, "p", &[("app", "x")], &[], "10.244.15.11");
+    let _ctl = Controller::start("large", &[]);
+
+    let g = eventually("large Ready", T, || nsg_ready(n, "large"));
+    let size = serde_json::to_vec(&g).unwrap().len();
+    assert!(size < 1536 * 1024, "the object is {size} bytes");
+    let listed = g["status"]["effectiveRules"].as_array().unwrap();
+    let omitted = g["status"]["omittedEffectiveRules"].as_u64().unwrap() as usize;
+    assert_eq!(
+        listed.len() + omitted,
+        rules.len() + 6,
+        "every rule listed or counted"
+    );
+    assert!(
+        omitted > 0 && listed.len() > 100,
+        "{} listed, {omitted} omitted",
+        listed.len()
+    );
+    // Both directions keep their highest priorities, and their default rules.
+    for (direction, first) in [("Inbound", "r000"), ("Outbound", "r001")] {
+        let of: Vec<&Value> = listed
+            .iter()
+            .filter(|r| r["direction"] == direction)
+            .collect();
+        assert_eq!(of[0]["name"], first);
+        assert_eq!(of.iter().filter(|r| r["default"] == true).count(), 3);
+    }
+    assert!(
+        listed[0]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(" and {} more", addresses - 10)),
+        "{}",
+        listed[0]
+    );
+    assert_policies_match_compiler(n);
+
+    // A group that fits again lists everything.
+    apply_ok(&nsg(n, "large", "subnet: true", &[ALLOW_WEB]));
+    let g = eventually("the smaller group Ready", T, || nsg_ready(n, "large"));
+    assert_eq!(
+        g["status"]["effectiveRules"].as_array().unwrap().len(),
+        1 + 6
+    );
+    assert_eq!(g["status"].get("omittedEffectiveRules"), None);
+}

@@ -262,6 +262,10 @@ pub struct NetworkSecurityGroupStatus {
     /// The rules in force, per direction, default rules included, in priority order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effective_rules: Vec<EffectiveRule>,
+    /// How many rules `effectiveRules` leaves out (the lowest priorities of each direction) so
+    /// that the object stays within etcd's size limit; `kube-nsg effective` lists them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omitted_effective_rules: Option<i32>,
     /// Rules that can never decide, could be removed, or whose order decides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anomalies: Vec<RuleAnomaly>,

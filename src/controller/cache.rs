@@ -29,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::digest::{self, Digest};
 use super::policy::ObservedPolicy;
-use super::status::owned_nsg_status;
+use super::status::{json_len, owned_nsg_status};
 use crate::api::{
     ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api, pod_ips,
 };
@@ -178,6 +178,8 @@ pub struct NsgEntry {
     pub status: Digest,
     /// The observed `status.dataplane` ("N/M", written by [`super::dataplane`]).
     pub dataplane: Option<String>,
+    /// The size of its metadata and spec as stored (JSON): what its status must leave room for.
+    pub stored_bytes: usize,
 }
 
 impl NsgEntry {
@@ -208,6 +210,7 @@ pub fn nsg_entry(obj: &NetworkSecurityGroup) -> Option<NsgEntry> {
             .unwrap_or_default(),
         status: status_digest(&owned_nsg_status(obj.status.as_ref())),
         dataplane: obj.status.as_ref().and_then(|s| s.dataplane.clone()),
+        stored_bytes: json_len(&obj.metadata) + json_len(&obj.spec),
     })
 }
 

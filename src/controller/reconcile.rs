@@ -400,6 +400,7 @@ impl Reconciler {
                 associated_pods: state.model.map_or(0, |m| associated[m]),
                 fidelity: output.fidelity.get(&id),
                 anomalies: output.anomalies.get(&id).cloned().unwrap_or_default(),
+                stored_bytes: obj.stored_bytes,
             };
             let conds = status::nsg_conditions(&res, &facts);
             let conditions = status::conditions(&obj.conditions, &conds, obj.generation, now);

@@ -54,6 +54,20 @@ pub const OTHER_CONDITIONS: [&str; 1] = [ACCEPTED];
 const MAX_MESSAGE: usize = 1024;
 /// How many members an ASG's status lists.
 pub const MAX_LISTED_MEMBERS: usize = 50;
+/// How many addresses, groups or port ranges an effective rule lists per field: the spec
+/// holds them all and `kube-nsg effective` expands them.
+const MAX_LISTED_ITEMS: usize = 10;
+/// etcd's default request limit (`--max-request-bytes`): the whole object, metadata, spec and
+/// status, is stored in one request.
+const OBJECT_LIMIT: usize = 1536 * 1024;
+/// Room kept in the object for the conditions and the rest of the status.
+const STATUS_HEADROOM: usize = 64 * 1024;
+/// The most the effective rules take, however small the spec: a status of megabytes is read
+/// by nobody and rewritten whenever a rule changes.
+const MAX_EFFECTIVE_RULES_BYTES: usize = 256 * 1024;
+/// Budgets are multiples of this, so the object growing by a few bytes (a longer
+/// `resourceVersion`) does not change what its status lists.
+const BUDGET_STEP: usize = 16 * 1024;
 
 /// A condition before it gets its timestamps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,23 +211,18 @@ impl<'r, 'a> Summaries<'r, 'a> {
         }
     }
 
-    pub fn endpoint(&self, e: &Endpoint) -> String {
+    fn endpoint(&self, e: &Endpoint) -> String {
         match e {
-            Endpoint::Prefixes(p) => p
-                .iter()
-                .map(|p| self.prefix(p))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Endpoint::Asgs(a) => a.iter().map(|a| self.asg(a)).collect::<Vec<_>>().join(", "),
+            Endpoint::Prefixes(p) => {
+                list_names(p.iter().map(|p| self.prefix(p)), ", ", MAX_LISTED_ITEMS)
+            }
+            Endpoint::Asgs(a) => list_names(a.iter().map(|a| self.asg(a)), ", ", MAX_LISTED_ITEMS),
         }
     }
 }
 
 fn ports(p: &[PortRange]) -> String {
-    p.iter()
-        .map(PortRange::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    list_names(p.iter().map(PortRange::to_string), ",", MAX_LISTED_ITEMS)
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -223,21 +232,94 @@ fn direction_name(d: Direction) -> &'static str {
     }
 }
 
+/// How many bytes of JSON the effective rules may take in a group whose metadata and spec
+/// take `stored_bytes`.
+pub fn effective_rules_budget(stored_bytes: usize) -> usize {
+    let room = OBJECT_LIMIT.saturating_sub(stored_bytes + STATUS_HEADROOM);
+    room.min(MAX_EFFECTIVE_RULES_BYTES) / BUDGET_STEP * BUDGET_STEP
+}
+
 /// The rules in force for a group, inbound then outbound, each in priority order with the
-/// default rules, their expansion, fidelity and unresolved references.
+/// default rules, their expansion, fidelity and unresolved references; as many as fit in
+/// `budget` bytes, and how many did not.
 pub fn effective_rules(
     sums: &Summaries,
     nsg: &Nsg,
     fidelity: Option<&BTreeMap<String, Fidelity>>,
-) -> Vec<EffectiveRule> {
+    budget: usize,
+) -> (Vec<EffectiveRule>, usize) {
     let unresolved = sums.res.unresolved(nsg);
-    let mut out = Vec::new();
-    for direction in [Direction::Inbound, Direction::Outbound] {
-        for rule in nsg.rules_for(direction) {
-            out.push(effective_rule(sums, &rule, fidelity, &unresolved));
+    let directions = [Direction::Inbound, Direction::Outbound].map(|direction| {
+        nsg.rules_for(direction)
+            .iter()
+            .map(|rule| effective_rule(sums, rule, fidelity, &unresolved))
+            .collect()
+    });
+    within_budget(directions, budget)
+}
+
+/// The rules of both directions that fit in `budget` bytes of JSON, and how many did not. The
+/// default rules always stay. Each direction keeps its own rules (they come before its
+/// defaults) in priority order up to the first that does not fit, the two taking turns so
+/// neither crowds the other out.
+fn within_budget(
+    directions: [Vec<EffectiveRule>; 2],
+    budget: usize,
+) -> (Vec<EffectiveRule>, usize) {
+    let size = |r: &EffectiveRule| json_len(r) + 1;
+    let mut used: usize = directions
+        .iter()
+        .flatten()
+        .filter(|r| r.default)
+        .map(size)
+        .sum();
+    let mut kept = [0, 0];
+    let mut open = [true, true];
+    while open.contains(&true) {
+        for (d, rules) in directions.iter().enumerate() {
+            if !open[d] {
+                continue;
+            }
+            match rules.get(kept[d]).filter(|r| !r.default).map(size) {
+                Some(n) if used + n <= budget => {
+                    used += n;
+                    kept[d] += 1;
+                }
+                _ => open[d] = false,
+            }
         }
     }
-    out
+    let total: usize = directions.iter().map(Vec::len).sum();
+    let out: Vec<EffectiveRule> = directions
+        .into_iter()
+        .zip(kept)
+        .flat_map(|(rules, n)| {
+            rules
+                .into_iter()
+                .enumerate()
+                .filter(move |(i, r)| *i < n || r.default)
+                .map(|(_, r)| r)
+        })
+        .collect();
+    let omitted = total - out.len();
+    (out, omitted)
+}
+
+/// The length of a value's compact JSON text.
+pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, v).expect("serializable to JSON");
+    count.0
 }
 
 fn effective_rule(
@@ -255,9 +337,9 @@ fn effective_rule(
             crate::model::Protocol::Any => "*".into(),
             p => p.to_string(),
         },
-        source: rule.source.to_string(),
+        source: list_names(rule.source.items(), ",", MAX_LISTED_ITEMS),
         source_ports: ports(&rule.source_ports),
-        destination: rule.destination.to_string(),
+        destination: list_names(rule.destination.items(), ",", MAX_LISTED_ITEMS),
         destination_ports: ports(&rule.destination_ports),
         default: rule.is_default,
         expansion: Some(format!(
@@ -297,6 +379,9 @@ pub struct NsgFacts<'x> {
     pub associated_pods: usize,
     pub fidelity: Option<&'x BTreeMap<String, Fidelity>>,
     pub anomalies: Vec<RuleAnomaly>,
+    /// The size of the group's metadata and spec as stored: what its status must leave room
+    /// for.
+    pub stored_bytes: usize,
 }
 
 /// For every group in the inventory, the pods it applies to (subnet and interface level).
@@ -315,16 +400,13 @@ pub fn associated_pods(res: &Resolved) -> Vec<usize> {
     counts
 }
 
-fn list_names(names: impl IntoIterator<Item = String>, max: usize) -> String {
-    let names: Vec<String> = names.into_iter().collect();
-    let mut s = names
-        .iter()
-        .take(max)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > max {
-        s.push_str(&format!(" and {} more", names.len() - max));
+/// The first `max` names joined by `sep`, and how many more there are.
+fn list_names(names: impl IntoIterator<Item = String>, sep: &str, max: usize) -> String {
+    let mut names = names.into_iter();
+    let mut s = names.by_ref().take(max).collect::<Vec<_>>().join(sep);
+    let more = names.count();
+    if more > 0 {
+        s.push_str(&format!(" and {more} more"));
     }
     s
 }
@@ -373,7 +455,7 @@ pub fn nsg_conditions(res: &Resolved, f: &NsgFacts) -> Vec<Cond> {
             "MissingReferences",
             format!(
                 "{} (they match nothing; the other rules are enforced)",
-                list_names(list, 20)
+                list_names(list, ", ", 20)
             ),
         )
     });
@@ -397,7 +479,7 @@ pub fn nsg_conditions(res: &Resolved, f: &NsgFacts) -> Vec<Cond> {
             "{} pod(s) are already bound to the older group {} at the network-interface level: {}",
             c.pods.len(),
             c.winner.name,
-            list_names(c.pods.iter().map(|p| p.name.clone()), 10)
+            list_names(c.pods.iter().map(|p| p.name.clone()), ", ", 10)
         ));
     }
     out.push(if messages.is_empty() {
@@ -431,7 +513,7 @@ pub fn nsg_conditions(res: &Resolved, f: &NsgFacts) -> Vec<Cond> {
             "every rule is enforced exactly by NetworkPolicy",
         )
     } else {
-        Cond::new(DEGRADED, true, "NotExact", list_names(inexact, 20))
+        Cond::new(DEGRADED, true, "NotExact", list_names(inexact, ", ", 20))
     });
 
     let programmed = match &f.programmed {
@@ -494,13 +576,16 @@ pub fn nsg_status(
     conditions: Vec<Condition>,
 ) -> NetworkSecurityGroupStatus {
     let nsg = f.model.map(|i| &res.inv.nsgs[i]);
+    let budget = effective_rules_budget(f.stored_bytes);
+    let (effective_rules, omitted) = nsg
+        .map(|n| effective_rules(sums, n, f.fidelity, budget))
+        .unwrap_or_default();
     NetworkSecurityGroupStatus {
         observed_generation: f.generation,
         conditions,
         associated_pods: nsg.map(|_| f.associated_pods as i32),
-        effective_rules: nsg
-            .map(|n| effective_rules(sums, n, f.fidelity))
-            .unwrap_or_default(),
+        effective_rules,
+        omitted_effective_rules: (omitted > 0).then_some(omitted as i32),
         anomalies: f.anomalies.clone(),
         network_policies: f.policies.clone(),
         dataplane: None,
@@ -772,6 +857,7 @@ mod tests {
             associated_pods: associated,
             fidelity: None,
             anomalies: vec![],
+            stored_bytes: 1000,
         }
     }
 
@@ -848,5 +934,55 @@ mod tests {
         let c = Cond::new(READY, true, "Ready", "é".repeat(2000));
         assert!(c.message.len() <= MAX_MESSAGE);
         assert!(c.message.ends_with("..."));
+    }
+
+    #[test]
+    fn long_lists_are_cut_with_a_count() {
+        let names = (0..12).map(|i| i.to_string());
+        assert_eq!(list_names(names, ",", 10), "0,1,2,3,4,5,6,7,8,9 and 2 more");
+        assert_eq!(list_names(["a".to_string()], ",", 10), "a");
+    }
+
+    #[test]
+    fn the_budget_leaves_room_for_the_spec_in_steps() {
+        assert_eq!(effective_rules_budget(1000), MAX_EFFECTIVE_RULES_BYTES);
+        assert_eq!(effective_rules_budget(OBJECT_LIMIT), 0);
+        let b = effective_rules_budget(1_200_000);
+        assert_eq!(b % BUDGET_STEP, 0);
+        assert!(b > 0 && b <= OBJECT_LIMIT - 1_200_000 - STATUS_HEADROOM);
+        assert_eq!(effective_rules_budget(1_200_010), b);
+    }
+
+    #[test]
+    fn within_budget_the_directions_take_turns_and_the_defaults_stay() {
+        // Names of one length, so every rule of a kind is the same size.
+        let rule = |name: &str, default: bool| EffectiveRule {
+            name: name.into(),
+            default,
+            ..Default::default()
+        };
+        let directions = || {
+            [
+                vec![
+                    rule("i1", false),
+                    rule("i2", false),
+                    rule("i3", false),
+                    rule("id", true),
+                ],
+                vec![rule("o1", false), rule("od", true)],
+            ]
+        };
+        let own = json_len(&rule("i1", false)) + 1;
+        let defaults = 2 * (json_len(&rule("id", true)) + 1);
+        let names = |budget| {
+            let (kept, omitted) = within_budget(directions(), budget);
+            let names: Vec<String> = kept.into_iter().map(|r| r.name).collect();
+            (names.join(" "), omitted)
+        };
+        assert_eq!(names(defaults + 4 * own), ("i1 i2 i3 id o1 od".into(), 0));
+        // The defaults, then i1, o1, i2; i3 does not fit.
+        assert_eq!(names(defaults + 3 * own), ("i1 i2 id o1 od".into(), 1));
+        assert_eq!(names(defaults + own), ("i1 id od".into(), 3));
+        assert_eq!(names(0), ("id od".into(), 4));
     }
 }

@@ -87,15 +87,19 @@ impl Endpoint {
     pub fn any() -> Self {
         Endpoint::Prefixes(vec![AddressPrefix::Any])
     }
+
+    /// Each prefix, tag or `asg:<name>` as written.
+    pub fn items(&self) -> Vec<String> {
+        match self {
+            Endpoint::Prefixes(p) => p.iter().map(|x| x.to_string()).collect(),
+            Endpoint::Asgs(a) => a.iter().map(|x| format!("asg:{}", x.name)).collect(),
+        }
+    }
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let items: Vec<String> = match self {
-            Endpoint::Prefixes(p) => p.iter().map(|x| x.to_string()).collect(),
-            Endpoint::Asgs(a) => a.iter().map(|x| format!("asg:{}", x.name)).collect(),
-        };
-        write!(f, "{}", items.join(","))
+        write!(f, "{}", self.items().join(","))
     }
 }
 
