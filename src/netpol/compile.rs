@@ -709,6 +709,21 @@ impl<'r, 'a> Compiler<'r, 'a> {
             .flatten()
             .filter(|s| !s.is_empty())
             .collect();
+        // The groups are disjoint: with all their ranges in address order once, the union of
+        // any of them is a filter, not a sort per port spec.
+        let mut ordered: [Vec<(u128, u128, usize)>; 2] = [Vec::new(), Vec::new()];
+        for (g, group) in ctx.groups.iter().enumerate() {
+            for (family, set) in [&group.set.v4, &group.set.v6].into_iter().enumerate() {
+                ordered[family].extend(set.ranges().iter().map(|&(a, b)| (a, b, g)));
+            }
+        }
+        ordered.iter_mut().for_each(|o| o.sort_unstable());
+        let groups_where = |keep: &dyn Fn(usize) -> bool| {
+            let [v4, v6] = ordered.each_ref().map(|o| {
+                IntervalSet::from_ranges(o.iter().filter(|r| keep(r.2)).map(|r| (r.0, r.1)))
+            });
+            IpSet { v4, v6 }
+        };
         let mut out = Vec::new();
         for spec in specs {
             let want: Vec<Want> = allowed
@@ -720,29 +735,27 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     _ => Want::DontCare,
                 })
                 .collect();
-            let (mut required, mut forbidden) = (Vec::new(), Vec::new());
-            for (g, s) in ctx.groups.iter().zip(&allowed.groups) {
-                match s {
-                    Some(x) if x == spec => required.push(&g.set),
-                    Some(x) if !x.covers(spec) => forbidden.push(&g.set),
-                    _ => {}
-                }
-            }
-            for (c, w) in want.iter().enumerate() {
-                if *w == Want::Off {
-                    forbidden.push(&self.class_ips[c]);
-                }
-            }
-            let union = |sets: Vec<&IpSet>| {
-                let v4 = IntervalSet::from_ranges(
-                    sets.iter().flat_map(|s| s.v4.ranges().iter().copied()),
-                );
-                let v6 = IntervalSet::from_ranges(
-                    sets.iter().flat_map(|s| s.v6.ranges().iter().copied()),
-                );
-                IpSet { v4, v6 }
+            let required = groups_where(&|g| allowed.groups[g].as_ref() == Some(spec));
+            let off_pods: Vec<&IpSet> = want
+                .iter()
+                .zip(&self.class_ips)
+                .filter(|(w, _)| **w == Want::Off)
+                .map(|(_, ips)| ips)
+                .collect();
+            let off_pods = IpSet {
+                v4: IntervalSet::from_ranges(
+                    off_pods.iter().flat_map(|s| s.v4.ranges().iter().copied()),
+                ),
+                v6: IntervalSet::from_ranges(
+                    off_pods.iter().flat_map(|s| s.v6.ranges().iter().copied()),
+                ),
             };
-            let (required, forbidden) = (union(required), union(forbidden));
+            let off_groups: Vec<bool> = allowed
+                .groups
+                .iter()
+                .map(|x| x.as_ref().is_some_and(|x| !x.covers(spec)))
+                .collect();
+            let forbidden = groups_where(&|g| off_groups[g]).union(&off_pods);
             let peers = if forbidden.is_empty() && !want.contains(&Want::Off) {
                 vec![]
             } else {
