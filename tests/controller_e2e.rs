@@ -1362,3 +1362,57 @@ fn the_largest_groups_get_a_status_that_fits_in_etcd() {
     );
     assert_eq!(g["status"].get("omittedEffectiveRules"), None);
 }
+
+#[test]
+fn an_agent_lease_with_the_longest_hit_counts_is_accepted() {
+    use kube_nsg::agent::report::{hits_annotation, lease_body};
+    use kube_nsg::model::{Direction, ObjectRef};
+    cluster();
+    // 2,000 rules with the longest names a group allows decided flows on one node.
+    let nsg = ObjectRef::new("n".repeat(63), "g".repeat(253));
+    let hits = (0..2000u64)
+        .map(|i| {
+            (
+                (nsg.clone(), Direction::Inbound, format!("{i:0>80}")),
+                i + 1,
+            )
+        })
+        .collect();
+    let apply = |hits: &str| {
+        let body = lease_body(
+            "e2e-node",
+            None,
+            Duration::from_secs(30),
+            &BTreeMap::new(),
+            hits,
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let args = [
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-n",
+            "default",
+            "-f",
+            "-",
+        ];
+        kubectl_in(&args, Some(&body.to_string()))
+    };
+    let out = apply(&hits_annotation(&hits));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // All of them would be refused, and the heartbeat with them.
+    let all: BTreeMap<String, u64> = hits
+        .iter()
+        .map(|(k, n)| (kube_nsg::agent::report::hit_key_string(k), *n))
+        .collect();
+    let out = apply(&serde_json::to_string(&all).unwrap());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Too long"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -25,6 +25,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::dataplane::HitKey;
+use crate::api::json_len;
 use crate::model::{Direction, ObjectRef};
 
 /// Every agent Lease is named this plus the node name.
@@ -35,9 +36,10 @@ pub const PROGRAMMED_ANNOTATION: &str = "kubensg.io/programmed";
 pub const RULE_HITS_ANNOTATION: &str = "kubensg.io/rule-hits";
 /// The field manager of the agent's writes.
 pub const MANAGER: &str = "kube-nsg-agent";
-/// At most this many rules' hits go into the annotation (the busiest ones), so that the
-/// Lease stays well under the API server's 256 KiB limit on annotations.
-pub const MAX_HIT_ENTRIES: usize = 2000;
+/// The most the hits annotation takes (the busiest rules' counts, as many as fit): with the
+/// programmed groups the Lease stays well under the API server's 256 KiB for all of an
+/// object's annotations. Over it the API server refuses the write, heartbeat included.
+pub const MAX_HITS_BYTES: usize = 128 * 1024;
 
 pub fn lease_name(node: &str) -> String {
     format!("{LEASE_PREFIX}{node}")
@@ -62,21 +64,23 @@ pub fn parse_hit_key(s: &str) -> Option<HitKey> {
     Some((ObjectRef::new(ns, name), direction, rule.to_string()))
 }
 
-/// The hits annotation's value: nonzero counts only, at most [`MAX_HIT_ENTRIES`] of them
-/// (the largest), sorted by key.
+/// The hits annotation's value: nonzero counts only, the largest first as long as the text
+/// stays within [`MAX_HITS_BYTES`], sorted by key.
 pub fn hits_annotation(hits: &BTreeMap<HitKey, u64>) -> String {
-    let mut nonzero: Vec<(&HitKey, u64)> = hits
+    let mut nonzero: Vec<(String, u64)> = hits
         .iter()
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| (k, *n))
+        .map(|(k, n)| (hit_key_string(k), *n))
         .collect();
-    if nonzero.len() > MAX_HIT_ENTRIES {
-        nonzero.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        nonzero.truncate(MAX_HIT_ENTRIES);
-    }
+    nonzero.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut size = "{}".len();
     let map: BTreeMap<String, u64> = nonzero
         .into_iter()
-        .map(|(k, n)| (hit_key_string(k), n))
+        .take_while(|(k, n)| {
+            // `"key":count,`
+            size += json_len(k) + 1 + json_len(n) + 1;
+            size <= MAX_HITS_BYTES
+        })
         .collect();
     serde_json::to_string(&map).expect("a map of strings to numbers serializes")
 }
@@ -293,18 +297,31 @@ mod tests {
     }
 
     #[test]
-    fn the_hits_annotation_is_bounded() {
-        let hits: BTreeMap<HitKey, u64> = (0..MAX_HIT_ENTRIES as u64 + 10)
-            .map(|i| (key(&format!("r{i}"), Direction::Inbound), i + 1))
+    fn the_hits_annotation_is_bounded_in_bytes() {
+        // 2,000 rules with the longest names a group allows: 850 KB unbounded.
+        let nsg = ObjectRef::new("n".repeat(63), "g".repeat(253));
+        let hits: BTreeMap<HitKey, u64> = (0..2000u64)
+            .map(|i| {
+                let rule = format!("{i:0>80}");
+                ((nsg.clone(), Direction::Inbound, rule), i + 1)
+            })
             .collect();
         let text = hits_annotation(&hits);
+        assert!(text.len() <= MAX_HITS_BYTES, "{} bytes", text.len());
         let parsed: BTreeMap<String, u64> = serde_json::from_str(&text).unwrap();
-        assert_eq!(parsed.len(), MAX_HIT_ENTRIES);
-        assert!(
-            !parsed.contains_key("shop/nsg1/Inbound/r0"),
-            "the smallest go"
+        assert!(parsed.len() > 250, "{} entries", parsed.len());
+        let smallest_kept = parsed.values().min().unwrap();
+        assert_eq!(
+            *smallest_kept as usize,
+            2000 - parsed.len() + 1,
+            "the busiest stay"
         );
-        assert!(text.len() < 200 * 1024);
+        // Short names: everything fits.
+        let hits: BTreeMap<HitKey, u64> = (0..2000u64)
+            .map(|i| (key(&format!("r{i}"), Direction::Inbound), i + 1))
+            .collect();
+        let parsed: BTreeMap<String, u64> = serde_json::from_str(&hits_annotation(&hits)).unwrap();
+        assert_eq!(parsed.len(), 2000);
     }
 
     #[test]

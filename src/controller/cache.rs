@@ -29,9 +29,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::digest::{self, Digest};
 use super::policy::ObservedPolicy;
-use super::status::{json_len, owned_nsg_status};
+use super::status::owned_nsg_status;
 use crate::api::{
-    ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api, pod_ips,
+    ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, json_len, namespace_from_api,
+    pod_ips,
 };
 use crate::model::{ASG_ANNOTATION, Namespace};
 use crate::model::{Nsg, ValidationErrors};

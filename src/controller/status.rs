@@ -23,7 +23,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::compile::Fidelity;
 use crate::api::{
     ApplicationSecurityGroupStatus, EffectiveRule, NetworkSecurityGroupStatus, RuleAnomaly,
-    ServiceTagStatus,
+    ServiceTagStatus, json_len,
 };
 use crate::model::{
     AddressPrefix, AsgRef, Direction, Endpoint, Nsg, ObjectRef, PortRange, SecurityRule,
@@ -303,23 +303,6 @@ fn within_budget(
         .collect();
     let omitted = total - out.len();
     (out, omitted)
-}
-
-/// The length of a value's compact JSON text.
-pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    serde_json::to_writer(&mut count, v).expect("serializable to JSON");
-    count.0
 }
 
 fn effective_rule(
