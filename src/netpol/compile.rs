@@ -709,8 +709,8 @@ impl<'r, 'a> Compiler<'r, 'a> {
             .flatten()
             .filter(|s| !s.is_empty())
             .collect();
-        // The groups are disjoint: with all their ranges in address order once, the union of
-        // any of them is a filter, not a sort per port spec.
+        // Every group's ranges in address order, once: the union of any of the groups is then
+        // a filter of this list, already sorted, instead of a sort per port spec.
         let mut ordered: [Vec<(u128, u128, usize)>; 2] = [Vec::new(), Vec::new()];
         for (g, group) in ctx.groups.iter().enumerate() {
             for (family, set) in [&group.set.v4, &group.set.v6].into_iter().enumerate() {
