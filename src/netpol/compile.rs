@@ -735,7 +735,17 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     _ => Want::DontCare,
                 })
                 .collect();
-            let required = groups_where(&|g| allowed.groups[g].as_ref() == Some(spec));
+            // Per group, once: must the spec's peers hold it, or must they leave it out?
+            let (required_groups, off_groups): (Vec<bool>, Vec<bool>) = allowed
+                .groups
+                .iter()
+                .map(|s| match s {
+                    Some(x) if x == spec => (true, false),
+                    Some(x) if !x.covers(spec) => (false, true),
+                    _ => (false, false),
+                })
+                .unzip();
+            let required = groups_where(&|g| required_groups[g]);
             let off_pods: Vec<&IpSet> = want
                 .iter()
                 .zip(&self.class_ips)
@@ -750,11 +760,6 @@ impl<'r, 'a> Compiler<'r, 'a> {
                     off_pods.iter().flat_map(|s| s.v6.ranges().iter().copied()),
                 ),
             };
-            let off_groups: Vec<bool> = allowed
-                .groups
-                .iter()
-                .map(|x| x.as_ref().is_some_and(|x| !x.covers(spec)))
-                .collect();
             let forbidden = groups_where(&|g| off_groups[g]).union(&off_pods);
             let peers = if forbidden.is_empty() && !want.contains(&Want::Off) {
                 vec![]
