@@ -27,8 +27,15 @@ impl IntervalSet {
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u128, u128)>) -> Self {
         let mut ranges: Vec<_> = ranges.into_iter().collect();
         ranges.sort_unstable();
-        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        Self::from_ordered(ranges)
+    }
+
+    /// The union of ranges given in order of their first values: one pass, nothing sorted.
+    pub fn from_ordered(ranges: impl IntoIterator<Item = (u128, u128)>) -> Self {
+        let ranges = ranges.into_iter();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.size_hint().0);
         for range in ranges {
+            debug_assert!(merged.last().is_none_or(|last| last.0 <= range.0));
             push_merging(&mut merged, range);
         }
         IntervalSet { ranges: merged }

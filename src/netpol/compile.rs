@@ -612,15 +612,15 @@ impl<'r, 'a> Compiler<'r, 'a> {
         let upper_s = space.project_source_ports(&upper, Mode::Permissive);
         let strict = space.to_np(&lower_s, Mode::Strict);
         let permissive = space.to_np(&upper_s, Mode::Permissive);
-        let keep = space.all().minus(&space.port_zero());
-        let sports = lower.minus(&lower_s).or(&upper_s.minus(&upper)).and(&keep);
+        let keep = space.comparable();
+        let sports = lower.minus(&lower_s).or(&upper_s.minus(&upper)).and(keep);
         let icmp = lower_s
             .minus(&space.np_bits(&strict))
             .or(&space.np_bits(&permissive).minus(&upper_s))
-            .and(&keep);
+            .and(keep);
         for (list, applies, a) in pairs {
             let mut masks: Vec<(Bits, Reason)> = Vec::new();
-            let mixed = a.minus(&lower).or(&upper.minus(a)).and(&keep);
+            let mixed = a.minus(&lower).or(&upper.minus(a)).and(keep);
             for (m, reason) in [
                 (mixed, Reason::PodAddressedByCidr),
                 (sports.clone(), Reason::SourcePortsNotExpressible),
@@ -631,7 +631,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
                 }
             }
             if node {
-                let m = space.all().minus(a).and(&keep);
+                let m = keep.minus(a);
                 if !m.is_empty() {
                     masks.push((m, Reason::NodeTrafficNotBlockable));
                 }
@@ -710,7 +710,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
             .filter(|s| !s.is_empty())
             .collect();
         // Every group's ranges in address order, once: the union of any of the groups is then
-        // a filter of this list, already sorted, instead of a sort per port spec.
+        // a filter of this list, merged in one pass, instead of a sort per port spec.
         let mut ordered: [Vec<(u128, u128, usize)>; 2] = [Vec::new(), Vec::new()];
         for (g, group) in ctx.groups.iter().enumerate() {
             for (family, set) in [&group.set.v4, &group.set.v6].into_iter().enumerate() {
@@ -720,7 +720,7 @@ impl<'r, 'a> Compiler<'r, 'a> {
         ordered.iter_mut().for_each(|o| o.sort_unstable());
         let groups_where = |keep: &dyn Fn(usize) -> bool| {
             let [v4, v6] = ordered.each_ref().map(|o| {
-                IntervalSet::from_ranges(o.iter().filter(|r| keep(r.2)).map(|r| (r.0, r.1)))
+                IntervalSet::from_ordered(o.iter().filter(|r| keep(r.2)).map(|r| (r.0, r.1)))
             });
             IpSet { v4, v6 }
         };

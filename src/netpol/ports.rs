@@ -57,6 +57,10 @@ impl Bits {
         self.0[i / 64] |= 1 << (i % 64);
     }
 
+    fn unset(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+
     fn set_range(&mut self, first: usize, last: usize) {
         for i in first..=last {
             self.set(i);
@@ -91,6 +95,10 @@ fn full_ports() -> IntervalSet {
     IntervalSet::range(0, 65535)
 }
 
+fn is_full(set: &PortList) -> bool {
+    set.ranges() == [(0, 65535)]
+}
+
 impl NpPorts {
     pub fn is_empty(&self) -> bool {
         matches!(self, NpPorts::Some { tcp, udp } if tcp.is_empty() && udp.is_empty())
@@ -114,7 +122,7 @@ impl NpPorts {
         };
         let mut out = Vec::new();
         for (name, set) in [("TCP", tcp), ("UDP", udp)] {
-            if *set == full_ports() {
+            if is_full(set) {
                 out.push(NetworkPolicyPort {
                     protocol: name.into(),
                     port: None,
@@ -142,6 +150,10 @@ pub(crate) struct PortSpace {
     /// First port of each destination-port cell; `[0, 0]` is always a cell of its own.
     dport: Vec<u32>,
     words: usize,
+    /// Every cell, and every cell but the TCP and UDP cells of destination port 0 (ignored
+    /// when comparing, see `PortList`): built once, as every pair of ends starts from them.
+    all: Bits,
+    comparable: Bits,
 }
 
 fn cells(
@@ -169,11 +181,24 @@ impl PortSpace {
         let sport = cells(rules, |r| &r.source_ports, &[]);
         let dport = cells(rules, |r| &r.destination_ports, &[1]);
         let bits = 2 * sport.len() * dport.len() + 1;
-        PortSpace {
+        let mut space = PortSpace {
             sport,
             dport,
             words: bits.div_ceil(64),
+            all: Bits(Vec::new()),
+            comparable: Bits(Vec::new()),
+        };
+        let mut all = space.empty();
+        all.set_range(0, bits - 1);
+        let mut comparable = all.clone();
+        for p in 0..2 {
+            for s in 0..space.sport.len() {
+                comparable.unset(space.index(p, s, 0));
+            }
         }
+        space.all = all;
+        space.comparable = comparable;
+        space
     }
 
     fn nbits(&self) -> usize {
@@ -205,20 +230,12 @@ impl PortSpace {
     }
 
     pub fn all(&self) -> Bits {
-        let mut b = self.empty();
-        b.set_range(0, self.nbits() - 1);
-        b
+        self.all.clone()
     }
 
-    /// Every TCP and UDP cell of destination port 0: ignored when comparing (see `PortList`).
-    pub fn port_zero(&self) -> Bits {
-        let mut b = self.empty();
-        for p in 0..2 {
-            for s in 0..self.sport.len() {
-                b.set(self.index(p, s, 0));
-            }
-        }
-        b
+    /// Every cell but the TCP and UDP cells of destination port 0.
+    pub fn comparable(&self) -> &Bits {
+        &self.comparable
     }
 
     /// The flows a rule matches, as the reference evaluator matches them.
@@ -273,25 +290,21 @@ impl PortSpace {
     /// the TCP/UDP part exactly, and ICMP only together with everything (a rule without ports).
     /// `Strict` drops an ICMP part it cannot express; `Permissive` widens it to everything.
     pub fn to_np(&self, bits: &Bits, mode: Mode) -> NpPorts {
-        let mut sets = [Vec::new(), Vec::new()];
-        for (p, set) in sets.iter_mut().enumerate() {
-            for d in 0..self.dport.len() {
-                if bits.get(self.index(p, 0, d)) {
-                    set.push(self.dport_cell(d));
-                }
-            }
-        }
-        let normalise = |ranges: Vec<(u128, u128)>| {
-            let with_zero = IntervalSet::from_ranges(ranges.iter().copied().chain([(0, 0)]));
-            if with_zero == full_ports() {
-                with_zero
+        // The cells in port order, leaving out port 0 (cell 0): every other port is every port.
+        let [tcp, udp] = [0, 1].map(|p| {
+            let set = IntervalSet::from_ordered(
+                (1..self.dport.len())
+                    .filter(|&d| bits.get(self.index(p, 0, d)))
+                    .map(|d| self.dport_cell(d)),
+            );
+            if set.ranges() == [(1, 65535)] {
+                full_ports()
             } else {
-                IntervalSet::from_ranges(ranges).difference(&IntervalSet::range(0, 0))
+                set
             }
-        };
-        let [tcp, udp] = sets.map(normalise);
+        });
         let icmp = bits.get(self.icmp_bit());
-        if icmp && tcp == full_ports() && udp == full_ports() {
+        if icmp && is_full(&tcp) && is_full(&udp) {
             return NpPorts::All;
         }
         match (icmp, mode) {
