@@ -20,6 +20,7 @@
 //! a budget, the rule is skipped rather than guessed about: the analysis never reports an
 //! anomaly it has not proven.
 
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Serialize, Serializer};
@@ -87,7 +88,7 @@ fn all_ports() -> IntervalSet {
 }
 
 /// A product of sets of one address family. ICMP boxes have only ICMP and every port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Cube {
     v6: bool,
     protos: u8,
@@ -214,7 +215,7 @@ impl Cube {
 }
 
 /// A disjoint union of boxes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Hash)]
 struct Region(Vec<Cube>);
 
 impl Region {
@@ -331,121 +332,174 @@ fn rule_region(res: &Resolved, rule: &SecurityRule) -> Region {
 
 /// The anomalies of group `nsg`, inbound then outbound, by priority.
 pub fn analyze(res: &Resolved, nsg: usize) -> Vec<Anomaly> {
-    let group = &res.inv.nsgs[nsg];
-    let mut out = Vec::new();
-    for direction in [Direction::Inbound, Direction::Outbound] {
-        let rules = group.rules_for(direction);
-        let regions: Vec<Region> = rules.iter().map(|r| rule_region(res, r)).collect();
-        let anomaly = |i: usize, kind, related: Vec<usize>, example| Anomaly {
-            nsg: group.id.clone(),
-            direction,
-            kind,
-            rule: rules[i].name.clone(),
-            priority: rules[i].priority,
-            related: related.iter().map(|&j| rules[j].name.clone()).collect(),
-            example,
-        };
-        // What each rule decides: its region minus every earlier rule's.
-        let mut decides: Vec<Option<Region>> = Vec::with_capacity(rules.len());
-        for (i, region) in regions.iter().enumerate() {
-            if region.is_empty() {
-                out.push(anomaly(i, AnomalyKind::Shadowed, vec![], None));
-                decides.push(Some(Region::default()));
-                continue;
+    Input::of(res, nsg).analyze()
+}
+
+/// All that the analysis of one group reads: the group's name, and per direction its rules in
+/// order with what each matches. Equal inputs have equal anomalies, so a caller can hash the
+/// input and keep the anomalies of groups whose input did not change.
+pub struct Input<'a> {
+    nsg: &'a ObjectRef,
+    directions: [(Direction, Vec<SecurityRule>, Vec<Region>); 2],
+}
+
+impl Hash for Input<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.nsg.hash(h);
+        for (direction, rules, regions) in &self.directions {
+            direction.hash(h);
+            for rule in rules {
+                (&rule.name, rule.priority, rule.access).hash(h);
             }
-            let mut rest = Some(region.clone());
-            let mut covering = Vec::new();
-            for (j, earlier) in regions[..i].iter().enumerate() {
-                let Some(r) = rest.as_ref() else { break };
-                if r.is_empty() {
+            regions.hash(h);
+        }
+    }
+}
+
+impl<'a> Input<'a> {
+    pub fn of(res: &'a Resolved, nsg: usize) -> Self {
+        let group = &res.inv.nsgs[nsg];
+        let direction = |direction| {
+            let rules = group.rules_for(direction);
+            let regions = rules.iter().map(|r| rule_region(res, r)).collect();
+            (direction, rules, regions)
+        };
+        Input {
+            nsg: &group.id,
+            directions: [
+                direction(Direction::Inbound),
+                direction(Direction::Outbound),
+            ],
+        }
+    }
+
+    /// The anomalies, inbound then outbound, by priority.
+    pub fn analyze(&self) -> Vec<Anomaly> {
+        let mut out = Vec::new();
+        for (direction, rules, regions) in &self.directions {
+            out.extend(anomalies(self.nsg, *direction, rules, regions));
+        }
+        out.sort_by(|x, y| {
+            (x.direction, x.priority, x.kind, &x.related).cmp(&(
+                y.direction,
+                y.priority,
+                y.kind,
+                &y.related,
+            ))
+        });
+        out
+    }
+}
+
+/// The anomalies of one direction's rules, given what each matches.
+fn anomalies(
+    nsg: &ObjectRef,
+    direction: Direction,
+    rules: &[SecurityRule],
+    regions: &[Region],
+) -> Vec<Anomaly> {
+    let mut out = Vec::new();
+    let anomaly = |i: usize, kind, related: Vec<usize>, example| Anomaly {
+        nsg: nsg.clone(),
+        direction,
+        kind,
+        rule: rules[i].name.clone(),
+        priority: rules[i].priority,
+        related: related.iter().map(|&j| rules[j].name.clone()).collect(),
+        example,
+    };
+    // What each rule decides: its region minus every earlier rule's.
+    let mut decides: Vec<Option<Region>> = Vec::with_capacity(rules.len());
+    for (i, region) in regions.iter().enumerate() {
+        if region.is_empty() {
+            out.push(anomaly(i, AnomalyKind::Shadowed, vec![], None));
+            decides.push(Some(Region::default()));
+            continue;
+        }
+        let mut rest = Some(region.clone());
+        let mut covering = Vec::new();
+        for (j, earlier) in regions[..i].iter().enumerate() {
+            let Some(r) = rest.as_ref() else { break };
+            if r.is_empty() {
+                break;
+            }
+            if r.intersects(earlier) {
+                covering.push(j);
+                rest = r.subtract(earlier);
+            }
+        }
+        if rest.as_ref().is_some_and(Region::is_empty) {
+            out.push(anomaly(
+                i,
+                AnomalyKind::Shadowed,
+                covering,
+                region.example(),
+            ));
+        }
+        decides.push(rest);
+    }
+    for i in 0..rules.len() {
+        let Some(decided) = decides[i].as_ref().filter(|d| !d.is_empty()) else {
+            continue;
+        };
+        // Redundant: whoever decides these flows without rule i has the same access.
+        let mut rest = Some(decided.clone());
+        let mut instead = Vec::new();
+        let mut redundant = true;
+        for (k, later) in regions.iter().enumerate().skip(i + 1) {
+            let Some(r) = rest.as_ref() else { break };
+            if r.is_empty() {
+                break;
+            }
+            if r.intersects(later) {
+                if rules[k].access != rules[i].access {
+                    redundant = false;
                     break;
                 }
-                if r.intersects(earlier) {
-                    covering.push(j);
-                    rest = r.subtract(earlier);
-                }
+                instead.push(k);
+                rest = r.subtract(later);
             }
-            if rest.as_ref().is_some_and(Region::is_empty) {
-                out.push(anomaly(
-                    i,
-                    AnomalyKind::Shadowed,
-                    covering,
-                    region.example(),
-                ));
-            }
-            decides.push(rest);
         }
-        for i in 0..rules.len() {
-            let Some(decided) = decides[i].as_ref().filter(|d| !d.is_empty()) else {
+        // Flows no later rule matches would lose their verdict: not redundant.
+        if redundant && rest.as_ref().is_some_and(Region::is_empty) {
+            out.push(anomaly(
+                i,
+                AnomalyKind::Redundant,
+                instead,
+                decided.example(),
+            ));
+        }
+    }
+    for b in 0..rules.len() {
+        if decides[b].as_ref().is_some_and(Region::is_empty) {
+            continue; // Shadowed: reported as such.
+        }
+        for a in 0..b {
+            if rules[a].access == rules[b].access {
+                continue;
+            }
+            let Some(decided) = decides[a].as_ref() else {
                 continue;
             };
-            // Redundant: whoever decides these flows without rule i has the same access.
-            let mut rest = Some(decided.clone());
-            let mut instead = Vec::new();
-            let mut redundant = true;
-            for (k, later) in regions.iter().enumerate().skip(i + 1) {
-                let Some(r) = rest.as_ref() else { break };
-                if r.is_empty() {
-                    break;
-                }
-                if r.intersects(later) {
-                    if rules[k].access != rules[i].access {
-                        redundant = false;
-                        break;
-                    }
-                    instead.push(k);
-                    rest = r.subtract(later);
-                }
+            if !decided.intersects(&regions[b]) {
+                continue;
             }
-            // Flows no later rule matches would lose their verdict: not redundant.
-            if redundant && rest.as_ref().is_some_and(Region::is_empty) {
+            let overlap = decided.intersect(&regions[b]);
+            if overlap.is_empty() {
+                continue;
+            }
+            let nested = regions[a].is_subset(&regions[b]).unwrap_or(true)
+                || regions[b].is_subset(&regions[a]).unwrap_or(true);
+            if !nested {
                 out.push(anomaly(
-                    i,
-                    AnomalyKind::Redundant,
-                    instead,
-                    decided.example(),
+                    b,
+                    AnomalyKind::Correlated,
+                    vec![a],
+                    overlap.example(),
                 ));
-            }
-        }
-        for b in 0..rules.len() {
-            if decides[b].as_ref().is_some_and(Region::is_empty) {
-                continue; // Shadowed: reported as such.
-            }
-            for a in 0..b {
-                if rules[a].access == rules[b].access {
-                    continue;
-                }
-                let Some(decided) = decides[a].as_ref() else {
-                    continue;
-                };
-                if !decided.intersects(&regions[b]) {
-                    continue;
-                }
-                let overlap = decided.intersect(&regions[b]);
-                if overlap.is_empty() {
-                    continue;
-                }
-                let nested = regions[a].is_subset(&regions[b]).unwrap_or(true)
-                    || regions[b].is_subset(&regions[a]).unwrap_or(true);
-                if !nested {
-                    out.push(anomaly(
-                        b,
-                        AnomalyKind::Correlated,
-                        vec![a],
-                        overlap.example(),
-                    ));
-                }
             }
         }
     }
-    out.sort_by(|x, y| {
-        (x.direction, x.priority, x.kind, &x.related).cmp(&(
-            y.direction,
-            y.priority,
-            y.kind,
-            &y.related,
-        ))
-    });
     out
 }
 

@@ -551,7 +551,11 @@ fn compiled_policies(
         .unwrap();
         tweak(&mut live.inventory);
         let res = kube_nsg::resolve::Resolved::new(&live.inventory);
-        kube_nsg::controller::compile::compile(&res, kube_nsg::controller::Mode::Strict)
+        kube_nsg::controller::compile::compile(
+            &res,
+            kube_nsg::controller::Mode::Strict,
+            &mut Default::default(),
+        )
     });
     expected
         .policies

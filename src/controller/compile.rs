@@ -1,11 +1,11 @@
 //! The one place the controller calls the pure compilers, turning their output into owned
 //! data the reconcile loop keeps between passes (compiling is skipped while the inventory
-//! does not change).
+//! does not change, and a group's analysis while its input does not).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::digest::Digest;
+use super::digest::{self, Digest};
 use crate::analyze::{self, AnomalyKind};
 use crate::api::RuleAnomaly;
 use crate::model::ObjectRef;
@@ -120,8 +120,30 @@ fn anomaly(a: &analyze::Anomaly) -> RuleAnomaly {
     }
 }
 
-/// Compiles every group and analyses its rules.
-pub fn compile(res: &Resolved, mode: Mode) -> Output {
+/// The status anomalies of the last compile by the digest of each group's analysis input
+/// ([`analyze::Input`]): a group whose rules and matched addresses did not change since (most
+/// groups, when a pod comes or goes) is not analysed again.
+#[derive(Debug, Default)]
+pub struct Analyses(HashMap<Digest, Vec<RuleAnomaly>>);
+
+/// What a group's status lists of its anomalies: the first [`MAX_ANOMALIES`], the last of them
+/// saying how many more there are.
+fn status_anomalies(found: &[analyze::Anomaly]) -> Vec<RuleAnomaly> {
+    let mut anomalies: Vec<RuleAnomaly> = found.iter().take(MAX_ANOMALIES).map(anomaly).collect();
+    if let Some(last) = anomalies.last_mut()
+        && found.len() > MAX_ANOMALIES
+    {
+        last.message.push_str(&format!(
+            " ({} more anomalies: `kube-nsg analyze` lists them all)",
+            found.len() - MAX_ANOMALIES
+        ));
+    }
+    anomalies
+}
+
+/// Compiles every group and analyses its rules (again only where their input changed since
+/// the compile that filled `analyses`).
+pub fn compile(res: &Resolved, mode: Mode, analyses: &mut Analyses) -> Output {
     let compiled = netpol::compile(res, mode);
     let mut out = Output::default();
     for np in compiled.policies {
@@ -134,22 +156,20 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
             .unwrap_or_default();
         out.policies.push(DesiredPolicy::new(np, owner));
     }
+    let mut current = HashMap::with_capacity(res.inv.nsgs.len());
     for (i, nsg) in res.inv.nsgs.iter().enumerate() {
-        let found = analyze::analyze(res, i);
-        let mut anomalies: Vec<RuleAnomaly> =
-            found.iter().take(MAX_ANOMALIES).map(anomaly).collect();
-        if let Some(last) = anomalies.last_mut()
-            && found.len() > MAX_ANOMALIES
-        {
-            last.message.push_str(&format!(
-                " ({} more anomalies: `kube-nsg analyze` lists them all)",
-                found.len() - MAX_ANOMALIES
-            ));
-        }
+        let input = analyze::Input::of(res, i);
+        let key = digest::of_hash(&input);
+        let anomalies = analyses
+            .0
+            .remove(&key)
+            .unwrap_or_else(|| status_anomalies(&input.analyze()));
         if !anomalies.is_empty() {
-            out.anomalies.insert(nsg.id.clone(), anomalies);
+            out.anomalies.insert(nsg.id.clone(), anomalies.clone());
         }
+        current.insert(key, anomalies);
     }
+    analyses.0 = current;
     let mut texts = HashMap::new();
     for report in compiled.report {
         out.fidelity
@@ -163,4 +183,41 @@ pub fn compile(res: &Resolved, mode: Mode) -> Output {
 /// Exactly the labels the controller maintains on a pod.
 pub fn pod_labels(res: &Resolved, pod: usize) -> BTreeMap<String, String> {
     netpol::pod_labels(res, pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Inventory;
+
+    fn three_tier() -> Inventory {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/three-tier");
+        crate::cli::load::Objects::read(&[dir.into()])
+            .unwrap()
+            .into_inventory(&["10.244.0.0/16".parse().unwrap()], &[])
+            .unwrap()
+    }
+
+    #[test]
+    fn kept_analyses_give_what_analysing_again_gives() {
+        let with_web = three_tier();
+        let mut without_web = with_web.clone();
+        for pod in &mut without_web.pods {
+            if pod.labels.get("tier").is_some_and(|t| t == "web") {
+                pod.labels.insert("tier".into(), "gone".into());
+            }
+        }
+        let mut analyses = Analyses::default();
+        let mut seen = Vec::new();
+        for inv in [&with_web, &without_web, &without_web, &with_web] {
+            let res = Resolved::new(inv);
+            let kept = compile(&res, Mode::Strict, &mut analyses).anomalies;
+            let fresh = compile(&res, Mode::Strict, &mut Analyses::default()).anomalies;
+            assert_eq!(kept, fresh);
+            assert_eq!(analyses.0.len(), inv.nsgs.len());
+            seen.push(kept);
+        }
+        // The change of members changed the anomalies: nothing stale was kept.
+        assert_ne!(seen[0], seen[1]);
+    }
 }

@@ -2,6 +2,8 @@
 //! the controller can keep a 32-byte digest of what it compares instead of the objects
 //! themselves.
 
+use std::hash::{Hash, Hasher};
+
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -69,6 +71,24 @@ pub fn of_stream<T: Serialize + ?Sized>(v: &T) -> Digest {
     let mut w = W(Sha256::new());
     serde_json::to_writer(&mut w, v).expect("serializable to JSON");
     w.0.finalize().into()
+}
+
+/// The digest of a value's `Hash`: for keys the controller compares only within one process
+/// (`Hash` output is not stable across builds).
+pub fn of_hash<T: Hash + ?Sized>(v: &T) -> Digest {
+    struct H(Sha256);
+    impl Hasher for H {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            let digest: Digest = self.0.clone().finalize().into();
+            u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+        }
+    }
+    let mut h = H(Sha256::new());
+    v.hash(&mut h);
+    h.0.finalize().into()
 }
 
 #[cfg(test)]

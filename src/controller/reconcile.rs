@@ -130,6 +130,7 @@ pub struct Reconciler {
     /// The digest of the last compiled inventory and its output: compiling is skipped while
     /// the inventory does not change (the controller's own writes do not change it).
     memo: Option<(Digest, Arc<Output>)>,
+    analyses: compile::Analyses,
 }
 
 impl Reconciler {
@@ -156,6 +157,7 @@ impl Reconciler {
             recorder,
             last_valid: HashMap::new(),
             memo: None,
+            analyses: compile::Analyses::default(),
         }
     }
 
@@ -197,7 +199,11 @@ impl Reconciler {
                 let res = Resolved::new(&built.inventory);
                 debug!("the model changed: compiling");
                 self.metrics.compiled();
-                Arc::new(compile::compile(&res, self.settings.mode))
+                Arc::new(compile::compile(
+                    &res,
+                    self.settings.mode,
+                    &mut self.analyses,
+                ))
             }
         };
         timer.mark("compile");
