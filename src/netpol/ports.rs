@@ -181,24 +181,21 @@ impl PortSpace {
         let sport = cells(rules, |r| &r.source_ports, &[]);
         let dport = cells(rules, |r| &r.destination_ports, &[1]);
         let bits = 2 * sport.len() * dport.len() + 1;
-        let mut space = PortSpace {
-            sport,
-            dport,
-            words: bits.div_ceil(64),
-            all: Bits(Vec::new()),
-            comparable: Bits(Vec::new()),
-        };
-        let mut all = space.empty();
+        let words = bits.div_ceil(64);
+        let mut all = Bits(vec![0; words]);
         all.set_range(0, bits - 1);
         let mut comparable = all.clone();
-        for p in 0..2 {
-            for s in 0..space.sport.len() {
-                comparable.unset(space.index(p, s, 0));
-            }
+        // Destination port 0 is the first cell of each (protocol, source-port cell) row.
+        for row in 0..2 * sport.len() {
+            comparable.unset(row * dport.len());
         }
-        space.all = all;
-        space.comparable = comparable;
-        space
+        PortSpace {
+            sport,
+            dport,
+            words,
+            all,
+            comparable,
+        }
     }
 
     fn nbits(&self) -> usize {
