@@ -1284,6 +1284,27 @@ fn service_tags_expand_in_rules_and_report_their_references() {
     assert_policies_match_compiler(n);
 }
 
+/// Creates the group `large` of as many rules as a group may have, `rule(0)`, `rule(1)`, ...,
+/// and a pod it applies to; returns the number of rules.
+fn create_largest_group(ns: &str, rule: impl Fn(usize) -> String, pod_ip: &str) -> usize {
+    let rules: Vec<String> = (0..kube_nsg::model::RuleLimits::RULES_PER_GROUP)
+        .map(rule)
+        .collect();
+    let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
+    // `create`: `apply` would add the whole spec again as an annotation, over the limit.
+    let out = kubectl_in(
+        &["create", "-f", "-"],
+        Some(&nsg(ns, "large", "subnet: true", &rules)),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    create_pod(ns, "p", &[("app", "x")], &[], pod_ip);
+    rules.len()
+}
+
 #[test]
 fn the_largest_groups_get_a_status_that_fits_in_etcd() {
     cluster();
@@ -1306,21 +1327,7 @@ fn the_largest_groups_get_a_status_that_fits_in_etcd() {
             prefixes.join(", ")
         )
     };
-    let rules: Vec<String> = (0..kube_nsg::model::RuleLimits::RULES_PER_GROUP)
-        .map(rule)
-        .collect();
-    let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
-    // `create`: `apply` would add the whole spec again as an annotation, over the limit.
-    let out = kubectl_in(
-        &["create", "-f", "-"],
-        Some(&nsg(n, "large", "subnet: true", &rules)),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    create_pod(n, "p", &[("app", "x")], &[], "10.244.15.11");
+    let rules = create_largest_group(n, rule, "10.244.15.11");
     let _ctl = Controller::start("large", &[]);
 
     let g = eventually("large Ready", T, || nsg_ready(n, "large"));
@@ -1330,7 +1337,7 @@ fn the_largest_groups_get_a_status_that_fits_in_etcd() {
     let omitted = g["status"]["omittedEffectiveRules"].as_u64().unwrap() as usize;
     assert_eq!(
         listed.len() + omitted,
-        rules.len() + 6,
+        rules + 6,
         "every rule listed or counted"
     );
     assert!(
@@ -1365,6 +1372,68 @@ fn the_largest_groups_get_a_status_that_fits_in_etcd() {
         1 + 6
     );
     assert_eq!(g["status"].get("omittedEffectiveRules"), None);
+}
+
+#[test]
+fn policies_too_large_to_store_are_cut_into_parts() {
+    use kube_nsg::netpol::MAX_POLICY_BYTES;
+    cluster();
+    let _serial = serial();
+    let ns = TestNamespace::new("parts");
+    let n = ns.name.as_str();
+    // 700 rules, each of 60 addresses and about 50 ports of its own, on both protocols: a
+    // 1 MB group, whose rules would take one policy of 3.8 MB (the API server takes 3 MiB).
+    // The ports of a rule: a quarter of 200, picked by a hash (splitmix64's finaliser).
+    let picked = |x: u64| {
+        let z = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) >> 62 == 0
+    };
+    let rule = |i: usize| {
+        let prefixes: Vec<String> = (0..60)
+            .map(|j| format!("10.{}.{}.{}", i / 250, i % 250, 4 * j + 1))
+            .collect();
+        let ports: Vec<String> = (0..200)
+            .filter(|&k| picked((i * 200 + k) as u64))
+            .map(|k| format!("'{}'", 2000 + 2 * k))
+            .collect();
+        format!(
+            "{{name: r{i:03}, priority: {}, direction: Inbound, access: Allow, protocol: '*', \
+             sourceAddressPrefixes: [{}], destinationAddressPrefix: VirtualNetwork, \
+             destinationPortRanges: [{}]}}",
+            100 + i,
+            prefixes.join(", "),
+            ports.join(", ")
+        )
+    };
+    create_largest_group(n, rule, "10.244.15.12");
+    let _ctl = Controller::start("parts", &[]);
+
+    // The debug build compiles this group in about 10 s.
+    eventually("large Ready", Duration::from_secs(240), || {
+        nsg_ready(n, "large")
+    });
+    let parts = policies(n);
+    let mut total = 0;
+    for (name, policy) in &parts {
+        let size = serde_json::to_vec(&policy["spec"]).unwrap().len();
+        assert!(size < MAX_POLICY_BYTES, "{name}: {size} bytes");
+        total += size;
+    }
+    assert!(
+        total > 3 << 20,
+        "{} parts of {total} bytes in all",
+        parts.len()
+    );
+    assert_policies_match_compiler(n);
+
+    // A group that fits in one policy again: the other parts go.
+    apply_ok(&nsg(n, "large", "subnet: true", &[ALLOW_WEB]));
+    eventually("one policy", T, || {
+        (policy_names(n).len() == 1).then_some(())
+    });
+    assert_policies_match_compiler(n);
 }
 
 #[test]

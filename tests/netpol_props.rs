@@ -84,6 +84,10 @@ fn touches_node(inv: &Inventory, p: &Packet) -> bool {
     inv.node_ips.contains(&p.src) || inv.node_ips.contains(&p.dst)
 }
 
+/// The size of the parts policies are cut into, to check that the parts allow what the policy
+/// allows: a few rules, peers or ports each.
+const PART_BYTES: usize = 600;
+
 /// Everything the properties claim, for one cluster and some flows.
 fn check(inv: &Inventory, packets: &[Packet]) -> Result<(), TestCaseError> {
     let res = Resolved::new(inv);
@@ -95,7 +99,13 @@ fn check(inv: &Inventory, packets: &[Packet]) -> Result<(), TestCaseError> {
         "fidelity does not depend on the mode"
     );
     let (sj, pj) = (json(&strict), json(&permissive));
-    for p in sj.iter().chain(&pj) {
+    let parts: Vec<Value> = strict
+        .policies
+        .iter()
+        .flat_map(|p| netpol::split(p.clone(), PART_BYTES))
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    for p in sj.iter().chain(&pj).chain(&parts) {
         assert_valid(p);
     }
     let cl = cluster(inv, &res);
@@ -105,6 +115,13 @@ fn check(inv: &Inventory, packets: &[Packet]) -> Result<(), TestCaseError> {
         for b in Behaviour::all() {
             let s = np_eval::allows(&sj, &cl, packet, b);
             let p = np_eval::allows(&pj, &cl, packet, b);
+            prop_assert_eq!(
+                np_eval::allows(&parts, &cl, packet, b),
+                s,
+                "the parts allow what the policy allows: {:?} {:?}",
+                b,
+                packet
+            );
             if exact && b.portless_matches_icmp {
                 prop_assert_eq!(s, nsg, "strict, exact rules, {:?} {:?}", b, packet);
                 prop_assert_eq!(p, nsg, "permissive, exact rules, {:?} {:?}", b, packet);
@@ -318,8 +335,9 @@ fn generators_exercise_exact_verdicts_and_every_reason() {
         mut exact_allow,
         mut exact_deny,
         mut policies,
+        mut parts,
         mut inexact_allow_strict_deny,
-    ) = (0, 0, 0, 0, 0, 0);
+    ) = (0, 0, 0, 0, 0, 0, 0);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut isolated_pod_pod = 0;
     for _ in 0..500 {
@@ -334,6 +352,9 @@ fn generators_exercise_exact_verdicts_and_every_reason() {
         let res = Resolved::new(&inv);
         let c = netpol::compile(&res, Mode::Strict);
         policies += c.policies.len();
+        parts += (c.policies.iter())
+            .map(|p| netpol::split(p.clone(), PART_BYTES).len())
+            .sum::<usize>();
         for r in &c.report {
             if let netpol::Fidelity::NotExpressible(v) = &r.fidelity {
                 for x in v {
@@ -373,12 +394,16 @@ fn generators_exercise_exact_verdicts_and_every_reason() {
         }
     }
     eprintln!(
-        "flows {flows} exact {exact} (allow {exact_allow} deny {exact_deny}) pod-pod both isolated {isolated_pod_pod} policies {policies} strict-loses {inexact_allow_strict_deny}"
+        "flows {flows} exact {exact} (allow {exact_allow} deny {exact_deny}) pod-pod both isolated {isolated_pod_pod} policies {policies} parts {parts} strict-loses {inexact_allow_strict_deny}"
     );
     eprintln!("reasons {reasons:?}");
     assert!(
         exact * 2 > flows,
         "only {exact} of {flows} flows are decided by exact rules"
+    );
+    assert!(
+        parts * 2 > policies * 3,
+        "{policies} policies cut into {parts} parts of {PART_BYTES} bytes"
     );
     assert!(
         exact_allow >= 20 && exact_deny >= 5,

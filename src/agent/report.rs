@@ -25,7 +25,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::dataplane::HitKey;
-use crate::api::json_len;
+use crate::json_len;
 use crate::model::{Direction, ObjectRef};
 
 /// Every agent Lease is named this plus the node name.

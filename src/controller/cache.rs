@@ -31,9 +31,9 @@ use super::digest::{self, Digest};
 use super::policy::ObservedPolicy;
 use super::status::owned_nsg_status;
 use crate::api::{
-    ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, json_len, namespace_from_api,
-    pod_ips,
+    ApplicationSecurityGroup, NetworkSecurityGroup, ServiceTag, namespace_from_api, pod_ips,
 };
+use crate::json_len;
 use crate::model::{ASG_ANNOTATION, Namespace};
 use crate::model::{Nsg, ValidationErrors};
 

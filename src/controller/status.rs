@@ -23,8 +23,9 @@ use k8s_openapi::jiff::Timestamp;
 use super::compile::Fidelity;
 use crate::api::{
     ApplicationSecurityGroupStatus, EffectiveRule, NetworkSecurityGroupStatus, RuleAnomaly,
-    ServiceTagStatus, json_len,
+    ServiceTagStatus,
 };
+use crate::json_len;
 use crate::model::{
     AddressPrefix, AsgRef, Direction, Endpoint, Nsg, ObjectRef, PortRange, SecurityRule,
     ValidationErrors, WellKnownTag,

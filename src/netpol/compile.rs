@@ -12,6 +12,7 @@ use crate::resolve::{Level, Resolved, Unresolved};
 
 use super::peers::{PodClass, Term, Want, asg_selector, class_peers, cover_classes, ip_blocks};
 use super::ports::{Bits, NpPorts, PortSpace};
+use super::split::{MAX_POLICY_BYTES, split};
 use super::types::{
     EgressRule, IngressRule, NetworkPolicy, NetworkPolicySpec, ObjectMeta, Peer, PolicyType,
     Selector, SelectorRequirement,
@@ -865,7 +866,8 @@ impl<'r, 'a> Compiler<'r, 'a> {
                         selector.match_expressions.sort();
                     }
                 }
-                policies.push(self.policy(ns, owner_name, *subnet, *nic, selector, content));
+                let policy = self.policy(ns, owner_name, *subnet, *nic, selector, content);
+                policies.extend(split(policy, MAX_POLICY_BYTES));
             }
         }
         policies
@@ -890,7 +892,8 @@ impl<'r, 'a> Compiler<'r, 'a> {
             .take(5)
             .map(|b| format!("{b:02x}"))
             .collect();
-        let prefix: String = owner.chars().take(253 - 16).collect();
+        // 253 characters at most, with room for a part's suffix (`-2`, see `split`).
+        let prefix: String = owner.chars().take(253 - 15 - 6).collect();
         let name = format!("nsg-{}-{hash}", prefix.trim_end_matches(['-', '.']));
         let labels = BTreeMap::from([
             (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),

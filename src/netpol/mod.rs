@@ -53,7 +53,8 @@
 //! same step, which moves them to the subnet group's policies (selected by the label's
 //! absence). Deleting the subnet group leaves interface-owned policies whose content the next
 //! compilation rewrites in place: a policy's name hashes its namespace and pod selector, not
-//! its rules, so a rule change updates the same object.
+//! its rules, so a rule change updates the same object. A policy too large to store is cut
+//! into parts that allow the same (`split`).
 //!
 //! # What NetworkPolicy cannot say ([`Reason`])
 //!
@@ -80,6 +81,7 @@
 mod compile;
 mod peers;
 mod ports;
+mod split;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -92,6 +94,7 @@ use sha2::{Digest, Sha256};
 use crate::model::{ASG_LABEL_PREFIX, Access, Direction, NIC_NSG_LABEL, ObjectRef};
 use crate::resolve::Resolved;
 
+pub use split::{MAX_POLICY_BYTES, split};
 pub use types::NetworkPolicy;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
