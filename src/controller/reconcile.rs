@@ -192,11 +192,12 @@ impl Reconciler {
             .with_nodes(self.settings.nodes.as_ref());
         let built = inventory::build(&snap, &self.settings.virtual_network, &mut self.last_valid);
         timer.mark("build");
+        let res = Resolved::new(&built.inventory);
+        timer.mark("resolve");
         let inventory_digest = digest::of_stream(&built.inventory);
         let output = match &self.memo {
             Some((d, out)) if *d == inventory_digest => out.clone(),
             _ => {
-                let res = Resolved::new(&built.inventory);
                 debug!("the model changed: compiling");
                 self.metrics.compiled();
                 Arc::new(compile::compile(
@@ -207,8 +208,6 @@ impl Reconciler {
             }
         };
         timer.mark("compile");
-        let res = Resolved::new(&built.inventory);
-        timer.mark("resolve");
         let ctx = Ctx {
             client: &self.client,
             metrics: &self.metrics,
