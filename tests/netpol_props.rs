@@ -7,7 +7,9 @@
 //! - `Strict` policies never allow a flow the NSG denies, whatever the plugin does with
 //!   ipBlocks over pod addresses and with ICMP (node traffic aside: NetworkPolicy cannot block it);
 //! - `Permissive` policies never deny a flow the NSG allows (with ICMP matched by rules without
-//!   ports, the only way NetworkPolicy can allow ICMP).
+//!   ports, the only way NetworkPolicy can allow ICMP);
+//! - policies cut into parts (`netpol::split`, as the compiler cuts those too large to store)
+//!   give the same verdicts as uncut.
 
 mod common;
 mod np_eval;
